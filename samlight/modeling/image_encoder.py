@@ -1,0 +1,71 @@
+"""The SAM-Lightening image encoder."""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import PatchEmbed
+from torch import nn
+
+from samlight.modeling.block import LighteningBlock
+from samlight.modeling.configs import EncoderConfig
+from samlight.modeling.token_order import grid_to_sequence, sequence_to_grid
+
+
+class LighteningEncoder(nn.Module):
+    """Patch 16 ViT with absolute position embedding, Dilated Flash Attention blocks and SAM's neck.
+
+    Tokens are put in the config's sequence order once after the patch embedding and back into a grid
+    once before the neck; every block works in sequence order (LayerNorm and MLP do not care, and
+    dilated segments become contiguous runs).
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.img_size = config.img_size  # read by SAM's prompt pipeline
+        grid = config.grid_size
+        self.patch_embed = PatchEmbed(
+            kernel_size=(config.patch_size, config.patch_size),
+            stride=(config.patch_size, config.patch_size),
+            embed_dim=config.embed_dim,
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.embed_dim))
+        self.blocks = nn.ModuleList(
+            LighteningBlock(
+                config.embed_dim,
+                config.num_heads,
+                config.mlp_ratio,
+                None if i in config.global_attn_indexes else config.dilated_branches,
+                config.attention_backend,
+            )
+            for i in range(config.depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(config.out_chans),
+            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(config.out_chans),
+        )
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Neck output (B, 256, g, g) and every block's output as a (B, g, g, C) grid."""
+        grid = self.config.grid_size
+        order = self.config.token_order
+        tokens = self.patch_embed(x) + self.pos_embed
+        seq = grid_to_sequence(tokens, order)
+        block_outputs = []
+        for block in self.blocks:
+            seq = block(seq)
+            block_outputs.append(sequence_to_grid(seq, order, grid, grid))
+        return self.neck(block_outputs[-1].permute(0, 3, 1, 2)), block_outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.config.grid_size
+        order = self.config.token_order
+        seq = grid_to_sequence(self.patch_embed(x) + self.pos_embed, order)
+        for block in self.blocks:
+            seq = block(seq)
+        return self.neck(sequence_to_grid(seq, order, grid, grid).permute(0, 3, 1, 2))

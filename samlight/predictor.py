@@ -1,0 +1,211 @@
+"""Image -> embedding (cached) -> prompts -> masks, for any ``segment_anything`` ``Sam``.
+
+Works for SAM-Lightening students and vanilla SAM teachers alike. Like ``SamPredictor`` it offers
+``set_image`` / ``predict``; the stateless pair ``embed`` / ``predict_embedding`` is what servers use
+from several threads at once (the embedding cache is shared and thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
+from samlight.image_io import load_image, to_rgb_array
+
+ImageLike = "np.ndarray | Image.Image | str | os.PathLike"
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray  # bool, (C, H, W), or (K, C, H, W) for K prompts
+    scores: np.ndarray  # predicted IoU, (C,) or (K, C)
+    low_res_logits: np.ndarray  # (C, 256, 256) or (K, C, 256, 256)
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an RGB array (its shape included)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    def __init__(
+        self,
+        model: Sam,
+        device: str | torch.device | None = None,
+        cache: EmbeddingCache | None = None,
+        autocast: bool | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.cache = cache if cache is not None else EmbeddingCache()
+        # bf16 autocast on CUDA, float32 on CPU
+        self.autocast = self.device.type == "cuda" if autocast is None else autocast
+        self._current: ImageEmbedding | None = None
+
+    # --- embeddings -----------------------------------------------------------------------------
+
+    def _precision(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        return self.model.preprocess(tensor.float()), tuple(resized.shape[:2])
+
+    @torch.inference_mode()
+    def embed_many(self, images: list, keys: list[str | None] | None = None) -> list[ImageEmbedding]:
+        """Embed several images in one encoder call (cached ones are not recomputed)."""
+        arrays = [self._as_array(image) for image in images]
+        keys = [key or image_key(array) for key, array in zip(keys or [None] * len(arrays), arrays)]
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        todo = [i for i, key in enumerate(keys) if found[key] is None and keys.index(key) == i]
+        if todo:
+            prepared = [self._prepare(arrays[i]) for i in todo]
+            with self._precision():
+                features = self.model.image_encoder(torch.cat([batch for batch, _ in prepared]))
+            for row, i in enumerate(todo):
+                embedding = ImageEmbedding(
+                    features[row : row + 1].float().clone(), tuple(arrays[i].shape[:2]), prepared[row][1]
+                )
+                self.cache.put(keys[i], embedding)
+                found[keys[i]] = embedding
+        return [found[key] for key in keys]
+
+    def embed(self, image, key: str | None = None) -> ImageEmbedding:
+        return self.embed_many([image], [key])[0]
+
+    def is_cached(self, key: str) -> bool:
+        return key in self.cache
+
+    @staticmethod
+    def _as_array(image) -> np.ndarray:
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image)
+        return to_rgb_array(image)
+
+    # --- prompts -> masks -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict_embedding(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one prompt, or K prompts at once (points (K, P, 2) / boxes (K, 4)).
+
+        Coordinates are pixels (x, y) of the original image; labels 1 = foreground, 0 = background.
+        """
+        points, labels, boxes, batched = validate_prompts(point_coords, point_labels, box, embedding.original_size)
+        size = embedding.original_size
+        to_tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
+        point_arg = None
+        if points is not None:
+            point_arg = (to_tensor(self.transform.apply_coords(points, size)), to_tensor(labels, torch.int))
+        box_arg = to_tensor(self.transform.apply_boxes(boxes, size)) if boxes is not None else None
+        mask_arg = to_tensor(mask_input) if mask_input is not None else None
+        if mask_arg is not None and mask_arg.dim() == 3:
+            mask_arg = mask_arg[:, None]
+        with self._precision():
+            sparse, dense = self.model.prompt_encoder(points=point_arg, boxes=box_arg, masks=mask_arg)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        low_res = low_res.float()
+        masks = self.model.postprocess_masks(low_res, embedding.input_size, size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        result = Prediction(masks.cpu().numpy(), iou.float().cpu().numpy(), low_res.cpu().numpy())
+        if not batched:
+            result = Prediction(result.masks[0], result.scores[0], result.low_res_logits[0])
+        return result
+
+    # --- SamPredictor-style convenience ---------------------------------------------------------
+
+    def set_image(self, image, key: str | None = None) -> ImageEmbedding:
+        self._current = self.embed(image, key)
+        return self._current
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True,
+                return_logits=False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._current is None:
+            raise RuntimeError("call set_image() before predict()")
+        p = self.predict_embedding(self._current, point_coords, point_labels, box, mask_input, multimask_output,
+                                   return_logits)
+        return p.masks, p.scores, p.low_res_logits
+
+
+def _finite_array(name: str, value, last_dim: int) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric, got {value!r}") from None
+    if array.ndim == 0 or array.shape[-1] != last_dim:
+        raise ValueError(f"{name} must have a last dimension of {last_dim}, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def validate_prompts(point_coords, point_labels, box, size: tuple[int, int]):
+    """Checked, batched prompts: points (K, P, 2), labels (K, P), boxes (K, 4), and whether K was given."""
+    height, width = size
+    if point_coords is None and box is None:
+        raise ValueError("give at least one prompt: points or a box")
+    points = labels = boxes = None
+    batched = False
+    if point_coords is not None:
+        if point_labels is None:
+            raise ValueError("point_labels are required with point_coords")
+        points = _finite_array("point_coords", point_coords, 2)
+        labels = np.asarray(point_labels)
+        if points.ndim not in (2, 3) or labels.shape != points.shape[:-1]:
+            raise ValueError(f"point_coords {points.shape} and point_labels {labels.shape} do not match")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+        outside = (points[..., 0] < 0) | (points[..., 0] > width) | (points[..., 1] < 0) | (points[..., 1] > height)
+        if outside.any():
+            raise ValueError(f"point {points[outside][0].tolist()} lies outside the {width}x{height} image")
+        batched = points.ndim == 3
+        points, labels = points.reshape(-1, points.shape[-2], 2), labels.reshape(-1, labels.shape[-1])
+    if box is not None:
+        boxes = _finite_array("box", box, 4)
+        if boxes.ndim not in (1, 2):
+            raise ValueError(f"box must be (4,) or (K, 4), got shape {boxes.shape}")
+        batched = batched or boxes.ndim == 2
+        boxes = boxes.reshape(-1, 4)
+        if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+            raise ValueError("box must satisfy x0 < x1 and y0 < y1 (empty box)")
+        if ((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)).any():
+            raise ValueError(f"box lies outside the {width}x{height} image")
+        boxes = np.clip(boxes, 0, [width, height, width, height])
+    if points is not None and boxes is not None and len(points) != len(boxes):
+        raise ValueError(f"{len(points)} point sets and {len(boxes)} boxes: give one of each per prompt")
+    return points, labels, boxes, batched
