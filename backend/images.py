@@ -1,0 +1,237 @@
+"""Fetching task images the way Label Studio serves them.
+
+``ImageFetcher.fetch(url)`` resolves relative ``/data/upload/...`` and ``/data/local-files/...`` URLs against
+``LABEL_STUDIO_URL``, downloads with byte and time limits, and decodes (EXIF-corrected RGB, pixel limit).
+The Label Studio API key is sent only to the Label Studio host. A personal access token (a JWT refresh token)
+is exchanged at ``/api/token/refresh/`` for a short-lived access token that is refreshed before it expires;
+a legacy token is sent as ``Token <key>``.
+
+Every failure raises :class:`FetchError` with an HTTP status for the backend's answer and a message that says
+what went wrong (not found, refused, timed out, not an image, too large).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import numpy as np
+import requests
+
+from samlight.image_io import ImageError, ImageLimits, decode_image
+
+
+class FetchError(ValueError):
+    """An image could not be fetched or decoded; ``status`` is the HTTP status the backend answers with."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The payload of a JWT (unverified: we only read its expiry and type), or None for a legacy token."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, json.JSONDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+class LabelStudioAuth:
+    """The Authorization header for Label Studio, refreshing a personal access token before it expires."""
+
+    REFRESH_MARGIN_S = 30.0
+
+    def __init__(self, base_url: str, api_key: str, session: requests.Session, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key.strip()
+        self.session = session
+        self.timeout = timeout
+        claims = _jwt_claims(self.api_key)
+        self.is_personal_token = claims is not None and claims.get("token_type") == "refresh"
+        self._access: str | None = None
+        self._expires_at = 0.0
+        self._lock = threading.Lock()
+
+    def header(self, force_refresh: bool = False) -> dict[str, str]:
+        if not self.is_personal_token:
+            scheme = "Bearer" if _jwt_claims(self.api_key) else "Token"
+            return {"Authorization": f"{scheme} {self.api_key}"}
+        with self._lock:
+            if force_refresh or self._access is None or time.time() > self._expires_at - self.REFRESH_MARGIN_S:
+                self._refresh()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _refresh(self) -> None:
+        url = f"{self.base_url}/api/token/refresh/"
+        try:
+            response = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise FetchError(f"cannot reach Label Studio at {url} to refresh the API token ({error})", 502) from None
+        if response.status_code != 200:
+            raise FetchError(
+                f"Label Studio refused the personal access token (HTTP {response.status_code} from {url}): "
+                "check LABEL_STUDIO_API_KEY", 502)
+        try:
+            access = response.json()["access"]
+        except (ValueError, KeyError, TypeError):
+            raise FetchError(f"{url} answered without an access token", 502) from None
+        claims = _jwt_claims(access) or {}
+        self._access = access
+        # without an exp claim, refresh every minute
+        self._expires_at = float(claims.get("exp", time.time() + 60))
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 15.0
+    limits: ImageLimits = ImageLimits()
+
+    @classmethod
+    def from_env(cls, env: "os._Environ | dict | None" = None) -> "FetchSettings":
+        env = os.environ if env is None else env
+        defaults = ImageLimits()
+        return cls(
+            label_studio_url=(env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None),
+            api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+            timeout_s=float(env.get("SAMLIGHT_FETCH_TIMEOUT", 15.0)),
+            limits=ImageLimits(
+                max_bytes=int(env.get("SAMLIGHT_MAX_IMAGE_BYTES", defaults.max_bytes)),
+                max_pixels=int(env.get("SAMLIGHT_MAX_IMAGE_PIXELS", defaults.max_pixels)),
+            ),
+        )
+
+
+class ImageFetcher:
+    """URL -> (H, W, 3) uint8 RGB array. Thread-safe; one per process is enough."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, label_studio_url: str | None = None, api_key: str | None = None,
+                 limits: ImageLimits = ImageLimits(), timeout_s: float = 15.0,
+                 session: requests.Session | None = None) -> None:
+        self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
+        self.limits = limits
+        self.timeout_s = timeout_s
+        self.session = session or requests.Session()
+        self.auth = (LabelStudioAuth(self.label_studio_url, api_key, self.session, timeout_s)
+                     if api_key and self.label_studio_url else None)
+
+    @classmethod
+    def from_settings(cls, settings: FetchSettings) -> "ImageFetcher":
+        return cls(settings.label_studio_url, settings.api_key, settings.limits, settings.timeout_s)
+
+    @classmethod
+    def from_env(cls, env=None) -> "ImageFetcher":
+        return cls.from_settings(FetchSettings.from_env(env))
+
+    def resolve(self, url: str) -> str:
+        """The absolute http(s) URL of a task's image reference."""
+        if not isinstance(url, str) or not url.strip():
+            raise FetchError("the task has no image URL", 400)
+        url = url.strip()
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("http", "https"):
+            return url
+        if scheme == "" and url.startswith("/"):
+            if not self.label_studio_url:
+                raise FetchError(f"the image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL "
+                                 "(and LABEL_STUDIO_API_KEY) for the backend", 400)
+            return urljoin(self.label_studio_url + "/", url.lstrip("/"))
+        if scheme == "data":
+            raise FetchError("inline data: URLs are not supported; upload the image to Label Studio", 400)
+        raise FetchError(f"unsupported image URL {url!r}: expected http(s) or a Label Studio /data/ path", 400)
+
+    def image_key(self, url: str) -> str:
+        """A stable cache key for an image URL (the same in every process and worker)."""
+        resolved = self.resolve(url)
+        return "url:" + hashlib.blake2b(resolved.encode(), digest_size=16).hexdigest()
+
+    def _is_label_studio(self, url: str) -> bool:
+        return self.label_studio_url is not None and _origin(url) == _origin(self.label_studio_url)
+
+    def fetch_bytes(self, url: str) -> bytes:
+        resolved = self.resolve(url)
+        to_label_studio = self._is_label_studio(resolved)
+        response = self._get(resolved, to_label_studio)
+        if response.status_code in (401, 403) and to_label_studio and self.auth and self.auth.is_personal_token:
+            response.close()  # the access token may have been revoked early: one fresh try
+            response = self._get(resolved, to_label_studio, force_refresh=True)
+        with response:
+            self._check_status(response, resolved, to_label_studio)
+            return self._read_limited(response, resolved)
+
+    def fetch(self, url: str) -> np.ndarray:
+        data = self.fetch_bytes(url)
+        try:
+            return decode_image(data, self.limits, name=url)
+        except ImageError as error:
+            raise FetchError(str(error), 422) from None
+
+    def _get(self, url: str, to_label_studio: bool, force_refresh: bool = False) -> requests.Response:
+        headers = {"Accept": "image/*"}
+        if to_label_studio and self.auth is not None:
+            headers.update(self.auth.header(force_refresh))
+        try:
+            # redirects are followed by requests, which drops Authorization when the host changes
+            return self.session.get(url, headers=headers, stream=True, timeout=self.timeout_s)
+        except requests.Timeout:
+            raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504) from None
+        except requests.RequestException as error:
+            raise FetchError(f"cannot fetch {url}: {error.__class__.__name__}: {error}", 502) from None
+
+    def _check_status(self, response: requests.Response, url: str, to_label_studio: bool) -> None:
+        code = response.status_code
+        if code == 200:
+            kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if kind.startswith("text/") or kind in ("application/json", "application/xml"):
+                hint = " (a login page? check LABEL_STUDIO_API_KEY)" if to_label_studio else ""
+                raise FetchError(f"{url} is not an image: the server sent {kind}{hint}", 422)
+            return
+        if code == 404:
+            raise FetchError(f"image not found (HTTP 404): {url}", 502)
+        if code in (401, 403):
+            if to_label_studio:
+                hint = ("set LABEL_STUDIO_API_KEY" if self.auth is None else "check LABEL_STUDIO_API_KEY")
+                raise FetchError(f"Label Studio refused the image (HTTP {code}) at {url}: {hint}", 502)
+            raise FetchError(f"the image server refused {url} (HTTP {code}); the Label Studio token is only "
+                             "sent to LABEL_STUDIO_URL's host", 502)
+        raise FetchError(f"fetching {url} failed with HTTP {code}", 502)
+
+    def _read_limited(self, response: requests.Response, url: str) -> bytes:
+        limit = self.limits.max_bytes
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise FetchError(f"{url}: {declared} bytes exceeds the limit of {limit}", 413)
+        deadline = time.monotonic() + self.timeout_s
+        chunks, total = [], 0
+        try:
+            for chunk in response.iter_content(self.CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise FetchError(f"{url}: more than {limit} bytes (the limit)", 413)
+                if time.monotonic() > deadline:
+                    raise FetchError(f"timed out after {self.timeout_s:g}s reading {url}", 504)
+                chunks.append(chunk)
+        except requests.RequestException as error:
+            raise FetchError(f"reading {url} failed: {error}", 504 if "timed out" in str(error) else 502) from None
+        return b"".join(chunks)

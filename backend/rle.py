@@ -1,0 +1,106 @@
+"""Label Studio brush RLE.
+
+``label_studio_sdk.converter.brush.mask2rle`` builds a Python string bit by bit: about 20 ms for a smooth
+1024² mask and about a second for a noisy one. ``mask_to_rle`` here emits the same bytes (tested byte for byte
+against the sdk) with numpy in a few milliseconds. Decoding uses the sdk's own decoder.
+
+Format (thi.ng rle-pack): 32-bit value count, 5-bit word size - 1, four 4-bit run-length field sizes - 1,
+then per run: 1 bit repeat flag, 2 bits field-size index, the run length - 1, the 8-bit value. The mask is
+written as RGBA (each pixel value four times), as Label Studio's brush expects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+_RLE_SIZES = (3, 4, 8, 16)  # the sdk's and Label Studio's defaults
+_WORD = 8
+_MAX_RUN = 1 << 16
+
+
+def _fields_to_bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate each value's low ``width`` bits (most significant first) into one bit array."""
+    offsets = np.cumsum(widths) - widths
+    bits = np.zeros(int(widths.sum()), dtype=np.uint8)
+    # one pass per bit position (at most 32), each over the fields that are at least that wide
+    narrowest = int(widths.min()) if len(widths) else 0
+    for j in range(int(widths.max()) if len(widths) else 0):
+        wide = slice(None) if j < narrowest else np.flatnonzero(widths > j)
+        bits[offsets[wide] + j] = (values[wide] >> (widths[wide] - 1 - j)) & 1
+    return bits
+
+
+def _runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    change = np.flatnonzero(flat[1:] != flat[:-1])
+    ends = np.append(change, flat.size - 1)
+    lengths = np.diff(np.append(-1, ends))
+    return lengths.astype(np.int64), flat[ends].astype(np.int64)
+
+
+def encode_runs(lengths: np.ndarray, run_values: np.ndarray, total: int) -> list[int]:
+    """RLE bytes of ``total`` values given as runs (``lengths`` of equal ``run_values``), default sizes."""
+    header_values = np.array([total, _WORD - 1, *(s - 1 for s in _RLE_SIZES)], dtype=np.int64)
+    header_widths = np.array([32, 5, 4, 4, 4, 4], dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    run_values = np.asarray(run_values, dtype=np.int64)
+    # runs longer than 256 use the 16-bit field: full 65536-chunks first, then the remainder
+    long_run = lengths > 256
+    full_chunks = np.where(long_run, (lengths - 1) // _MAX_RUN, 0)
+    pieces = full_chunks + 1
+    starts = np.cumsum(pieces) - pieces
+    index_in_run = np.arange(int(pieces.sum())) - np.repeat(starts, pieces)
+    is_last = index_in_run == np.repeat(full_chunks, pieces)
+    piece_lengths = np.where(is_last, np.repeat(lengths - full_chunks * _MAX_RUN, pieces), _MAX_RUN)
+    piece_values = np.repeat(run_values, pieces)
+
+    size_index = np.select([piece_lengths <= 8, piece_lengths <= 16, piece_lengths <= 256], [0, 1, 2], 3)
+    long_piece = np.repeat(long_run, pieces)
+    size_index = np.where(long_piece, 3, size_index)
+    # a run of one is a literal block of one value (flag 0, index 0, 3-bit length 0); the tail of a long
+    # run stays a repeat even when it is one value long
+    single = (piece_lengths == 1) & ~long_piece
+    flag = np.where(single, 0, 1)
+    size_index = np.where(single, 0, size_index)
+    length_width = np.asarray(_RLE_SIZES, dtype=np.int64)[size_index]
+
+    code = (((flag << 2 | size_index) << length_width | (piece_lengths - 1)) << _WORD) | piece_values
+    values = np.concatenate([header_values, code])
+    widths = np.concatenate([header_widths, 3 + length_width + _WORD])
+    bits = _fields_to_bits(values, widths)
+    # the sdk always pads with 1-8 zero bits (a whole zero byte when already aligned)
+    bits = np.concatenate([bits, np.zeros(8 - bits.size % 8, dtype=np.uint8)])
+    return np.packbits(bits).tolist()
+
+
+def encode_values(flat: np.ndarray) -> list[int]:
+    """The sdk's ``encode_rle(flat)`` for uint8 values with the default sizes, vectorised."""
+    flat = np.asarray(flat).ravel()
+    if flat.size == 0:
+        return encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    lengths, values = _runs(flat)
+    return encode_runs(lengths, values, flat.size)
+
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """A 2-D mask (bool or 0/255 uint8) -> Label Studio brush RLE bytes, the same as the sdk's ``mask2rle``."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    if mask.dtype != np.uint8:
+        raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
+    if mask.size == 0:
+        return encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    lengths, values = _runs(mask.ravel())
+    # RGBA: every pixel value is written four times, so every run is four times as long
+    return encode_runs(lengths * 4, values, mask.size * 4)
+
+
+def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
+    """Label Studio brush RLE -> (height, width) uint8 mask (the alpha channel), with the sdk's decoder."""
+    values = decode_rle(bytes(bytearray(rle)) if not isinstance(rle, bytes) else rle)
+    if values.size != height * width * 4:
+        raise ValueError(f"RLE holds {values.size} values, expected {height}x{width}x4 = {height * width * 4}")
+    return values.reshape(height, width, 4)[:, :, 3]

@@ -1,0 +1,263 @@
+"""Where segmentation jobs run: the ``Segmenter`` protocol and the embedded, in-process implementation.
+
+``create_segmenter(settings)`` picks the implementation: with ``REDIS_URL`` set, ``workers.client.RQSegmenter``
+(imported lazily, so the request path never imports torch); otherwise ``InProcessSegmenter``, which loads one
+model per process on first use (or in a background thread at startup) and shares its embedding cache between
+the process's threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from backend.images import FetchError, ImageFetcher
+from backend.jobs import JobError, SegmentJob, error_result, execute
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What the Flask app needs from an inference engine. Implementations must be thread-safe."""
+
+    @property
+    def model_version(self) -> str:
+        """The active model's version; cheap (never loads a model)."""
+
+    def segment(self, jobs: list[SegmentJob]) -> list[dict]:
+        """One result dict per job, in order (``jobs.execute``'s dict, or ``{"error": msg, "status": code}``)."""
+
+    def prewarm(self, jobs: list[SegmentJob]) -> None:
+        """Start computing the jobs' image embeddings; returns at once, best effort."""
+
+    def health(self) -> dict:
+        """A small JSON-able status; must answer fast even while inference runs."""
+
+    def versions(self) -> list[str]:
+        """Known model versions, the active one first."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model an embedded backend serves: a checkpoint path or a named random config."""
+
+    checkpoint: str | None = None
+    random: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_env(cls, env=None) -> "ModelSource":
+        env = os.environ if env is None else env
+        return cls(checkpoint=env.get("SAMLIGHT_CHECKPOINT") or None, random=env.get("SAMLIGHT_RANDOM") or None,
+                   seed=int(env.get("SAMLIGHT_SEED", 0)))
+
+    def validate(self) -> None:
+        if (self.checkpoint is None) == (self.random is None):
+            raise ValueError("set SAMLIGHT_CHECKPOINT (a student directory or SAM .pth) or SAMLIGHT_RANDOM "
+                             "(a config name, random weights for demos) - exactly one of them")
+
+    def version(self) -> str:
+        """The version string ``samlight.models.load_model`` reports, computed without loading weights."""
+        if self.random is not None:
+            return f"random-{self.random}-{self.seed}"
+        path = Path(self.checkpoint)
+        manifest = path / "config.json"
+        if manifest.is_file():  # a student directory: its name and weights hash are in config.json
+            data = json.loads(manifest.read_text())
+            return f"{data['config']['name']}-{str(data['sha256'])[:12]}"
+        from samlight.checkpoints import TeacherSpec  # hashes the file once; no weights are built
+
+        return TeacherSpec.parse(str(path)).identity.replace(":sha256=", "-")
+
+
+@dataclass
+class EmbeddedSettings:
+    source: ModelSource
+    device: str | None = None  # None: CUDA when available
+    cache_entries: int = 64
+    torch_threads: int | None = None  # None: torch's default
+    prewarm_threads: int = 1
+
+    @classmethod
+    def from_env(cls, env=None) -> "EmbeddedSettings":
+        env = os.environ if env is None else env
+        threads = env.get("SAMLIGHT_TORCH_THREADS")
+        return cls(source=ModelSource.from_env(env), device=env.get("SAMLIGHT_DEVICE") or None,
+                   cache_entries=int(env.get("SAMLIGHT_CACHE_ENTRIES", 64)),
+                   torch_threads=int(threads) if threads else None)
+
+
+class _KeyLocks:
+    """One lock per image key, so that a click and a prewarm of the same image embed it once."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list] = {}  # key -> [lock, users]
+        self._guard = threading.Lock()
+
+    def __call__(self, key: str):
+        return _KeyLock(self, key)
+
+
+class _KeyLock:
+    def __init__(self, owner: _KeyLocks, key: str) -> None:
+        self.owner, self.key = owner, key
+
+    def __enter__(self):
+        with self.owner._guard:
+            entry = self.owner._locks.setdefault(self.key, [threading.Lock(), 0])
+            entry[1] += 1
+        entry[0].acquire()
+        self.entry = entry
+
+    def __exit__(self, *exc):
+        self.entry[0].release()
+        with self.owner._guard:
+            self.entry[1] -= 1
+            if self.entry[1] == 0:
+                self.owner._locks.pop(self.key, None)
+
+
+class InProcessSegmenter:
+    """The embedded default: a ``Predictor`` in this process, loaded once, shared by all request threads."""
+
+    def __init__(self, settings: EmbeddedSettings, fetcher: ImageFetcher) -> None:
+        settings.source.validate()
+        self.settings = settings
+        self.fetcher = fetcher
+        self._version = settings.source.version() if settings.source.random else None
+        self._predictor = None
+        self._load_lock = threading.Lock()
+        self._load_error: str | None = None
+        self._key_locks = _KeyLocks()
+        self._prewarm_pool = ThreadPoolExecutor(settings.prewarm_threads, thread_name_prefix="prewarm")
+        self._inflight = 0
+        self._counter_lock = threading.Lock()
+        self.started = time.time()
+
+    # --- model --------------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> str:
+        if self._version is None:
+            self._version = self.settings.source.version()
+        return self._version
+
+    def versions(self) -> list[str]:
+        return [self.model_version]
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def predictor(self):
+        """The process's predictor, loading the model on first use (torch is imported only here)."""
+        if self._predictor is None:
+            with self._load_lock:
+                if self._predictor is None:
+                    self._predictor = self._load()
+        return self._predictor
+
+    def _load(self):
+        import torch
+
+        from samlight.embedding_cache import EmbeddingCache
+        from samlight.models import load_model
+        from samlight.predictor import Predictor
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        source = self.settings.source
+        start = time.perf_counter()
+        try:
+            model, version = load_model(checkpoint=source.checkpoint, random=source.random, seed=source.seed)
+        except Exception as error:  # surfaced by /health and every request
+            self._load_error = f"{error.__class__.__name__}: {error}"
+            log.error("cannot load the model: %s", self._load_error)
+            raise
+        self._version = version
+        predictor = Predictor(model, device=self.settings.device,
+                              cache=EmbeddingCache(max_entries=self.settings.cache_entries))
+        log.info("model %s loaded on %s in %.1fs (pid %d)", version, predictor.device,
+                 time.perf_counter() - start, os.getpid())
+        return predictor
+
+    def load_in_background(self) -> threading.Thread:
+        def load():
+            try:
+                self.predictor()
+            except Exception:  # noqa: BLE001 - already logged, reported by health()
+                pass
+
+        thread = threading.Thread(target=load, name="model-load", daemon=True)
+        thread.start()
+        return thread
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def _run(self, job: SegmentJob) -> dict:
+        with self._counter_lock:
+            self._inflight += 1
+        try:
+            predictor = self.predictor()
+            with self._key_locks(job.image_key):
+                return execute(job, predictor, self.fetcher, self.model_version)
+        except (JobError, FetchError) as error:
+            return error_result(error)
+        except Exception as error:  # noqa: BLE001 - one job's failure must not take the others down
+            log.exception("job failed")
+            return {"error": f"inference failed: {error.__class__.__name__}: {error}", "status": 500}
+        finally:
+            with self._counter_lock:
+                self._inflight -= 1
+
+    def segment(self, jobs: list[SegmentJob]) -> list[dict]:
+        return [self._run(job) for job in jobs]
+
+    def prewarm(self, jobs: list[SegmentJob]) -> None:
+        for job in jobs:
+            warm = SegmentJob(image_url=job.image_url, image_key=job.image_key, prewarm_only=True)
+            future = self._prewarm_pool.submit(self._run, warm)
+            future.add_done_callback(_log_prewarm_error)
+
+    def health(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"mode": "embedded", "model_loaded": self.loaded, "inflight": self._inflight,
+                                  "pid": os.getpid()}
+        if self._load_error:
+            status["error"] = self._load_error
+        if self._predictor is not None:
+            status["device"] = str(self._predictor.device)
+            status["cache"] = self._predictor.cache.stats()
+        return status
+
+
+def _log_prewarm_error(future) -> None:
+    result = future.result()
+    if "error" in result:
+        log.warning("prewarm failed: %s", result["error"])
+
+
+@dataclass
+class SegmenterSettings:
+    redis_url: str | None = None
+    embedded: EmbeddedSettings = field(default_factory=lambda: EmbeddedSettings(ModelSource()))
+
+    @classmethod
+    def from_env(cls, env=None) -> "SegmenterSettings":
+        env = os.environ if env is None else env
+        return cls(redis_url=env.get("REDIS_URL") or None, embedded=EmbeddedSettings.from_env(env))
+
+
+def create_segmenter(settings: SegmenterSettings, fetcher: ImageFetcher) -> Segmenter:
+    if settings.redis_url:
+        from workers.client import RQSegmenter  # lazy: keeps torch off the request path
+
+        return RQSegmenter(settings.redis_url, fetcher=fetcher)
+    return InProcessSegmenter(settings.embedded, fetcher)
