@@ -1,0 +1,62 @@
+"""Settings of a distillation / fine-tuning run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class FineTuneConfig:
+    """Both DLD stages. A step is one optimiser update of ``batch_size * grad_accum`` images per process."""
+
+    out_dir: str = "runs/distill"
+    encoder_steps: int = 1000
+    decoder_steps: int = 500
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3  # encoder stage (student encoder + projections)
+    decoder_lr: float = 1e-4  # decoder stage
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
+    autocast: bool | None = None  # bf16 autocast; default on for CUDA
+    # teacher feature cache (None: run the teacher on every image, every time)
+    cache_dir: str | None = None
+    cache_max_gb: float = 50.0
+    # encoder stage
+    layer_sigma: float = 0.25  # width of the dynamic layer-weight bump (see samlight.distill.schedule)
+    neck_weight: float = 1.0
+    # decoder stage
+    teacher_loss_weight: float = 1.0
+    gt_loss_weight: float = 1.0
+    iou_loss_weight: float = 1.0
+    focal_weight: float = 20.0
+    instances_per_image: int = 8
+    box_fraction: float = 0.5
+    box_jitter: float = 0.1
+    unfreeze_blocks: int = 0  # encoder blocks trained in the decoder stage, from the last one back (-1: all)
+    # practicalities
+    checkpoint_every: int = 50  # steps between atomic training-state checkpoints
+    num_workers: int = 0  # data loader processes
+    progress: bool = True
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder_steps + self.decoder_steps == 0:
+            raise ValueError("nothing to do: encoder_steps and decoder_steps are both 0")
+        if not 0 <= self.box_fraction <= 1:
+            raise ValueError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
+        if self.lr <= 0 or self.decoder_lr <= 0:
+            raise ValueError("learning rates must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
