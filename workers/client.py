@@ -1,0 +1,286 @@
+"""The backend's side of the RQ path: ``RQSegmenter`` (the backend's ``Segmenter`` protocol over Redis).
+
+Each prediction becomes an RQ job (JSON serializer) carrying its deadline; the backend waits on the jobs'
+RQ result streams with ``XREAD BLOCK <ms>`` (``Job.latest_result`` only takes whole seconds), so a click
+gets its answer or a clean error within ``deadline_ms``. Jobs carry an RQ ``ttl`` and the deadline in
+their payload, so a click nobody waits for any more is dropped before it reaches the model.
+
+Routing: a worker that embeds an image records ``route:<image key> -> worker`` (TTL); a click or prewarm
+for that image goes to that worker's own queue while the worker is alive (heartbeat sorted set), to the
+shared queue otherwise. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+
+from rq import Queue
+from rq.job import Job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from workers.registry import ModelRegistry
+from workers.settings import WorkerSettings, connect
+
+log = logging.getLogger(__name__)
+
+SEGMENT_FUNC = "workers.tasks.segment"
+
+
+class SegmenterUnavailable(RuntimeError):
+    """No answer within the deadline (no worker, worker died, Redis down); ``status`` for the HTTP answer."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def job_to_dict(job) -> dict:
+    if isinstance(job, dict):
+        return job
+    if hasattr(job, "to_dict"):
+        return job.to_dict()
+    if dataclasses.is_dataclass(job):
+        return dataclasses.asdict(job)
+    raise TypeError(f"cannot serialise {type(job).__name__} as a segment job")
+
+
+class RQSegmenter:
+    """Segmenter protocol: ``segment(jobs)``, ``prewarm(jobs)``, ``health()``, ``model_version``."""
+
+    def __init__(self, redis_url: str, settings: WorkerSettings | None = None, fetcher=None,
+                 deadline_ms: int | None = None, model_dir=None) -> None:
+        self.settings = settings or WorkerSettings.from_env(redis_url=redis_url)
+        self.settings.redis_url = redis_url
+        if deadline_ms is not None:
+            self.settings.deadline_ms = deadline_ms
+        if model_dir is not None:
+            from pathlib import Path
+
+            self.settings.model_dir = Path(model_dir)
+        keys = self.settings.keys
+        # commands fail fast; waits use their own connection whose socket timeout exceeds any deadline
+        self.redis = connect(redis_url, timeout_s=1.0)
+        wait_s = max(self.settings.deadline_ms, self.settings.prewarm_deadline_ms) / 1000 + 5
+        self.wait_redis = connect(redis_url, timeout_s=wait_s)
+        self.shared = Queue(keys.shared_queue, connection=self.redis, serializer=JSONSerializer)
+        self.registry = ModelRegistry(self.settings.model_dir, self.redis, keys)
+        if fetcher is None:
+            try:
+                from backend.images import ImageFetcher
+
+                fetcher = ImageFetcher.from_env()
+            except ImportError:
+                fetcher = None
+        self.fetcher = fetcher
+        self._version_cache: tuple[float, str] = (0.0, "unknown")
+        self._lock = threading.Lock()
+        self.stats = {"routed": 0, "shared": 0}
+
+    # --- workers and routing ----------------------------------------------------------------------
+
+    def alive_workers(self, redis=None) -> list[str]:
+        cutoff = int(time.time() * 1000) - self.settings.alive_ttl_ms
+        names = (redis or self.redis).zrangebyscore(self.settings.keys.heartbeats, cutoff, "+inf")
+        return [n.decode() for n in names]
+
+    def _queues_for(self, payloads: list[dict]) -> tuple[list[Queue], list[str]]:
+        keys = [p["job"].get("image_key") for p in payloads]
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(self.settings.keys.heartbeats, int(time.time() * 1000) - self.settings.alive_ttl_ms,
+                               "+inf")
+            for key in keys:
+                pipe.get(self.settings.keys.image_route(key) if key else "__none__")
+            alive_raw, *routes = pipe.execute()
+        alive = {n.decode() for n in alive_raw}
+        if not alive:
+            raise SegmenterUnavailable("no inference worker is running (start `python -m workers.inference`)", 503)
+        queues = []
+        for route in routes:
+            worker = route.decode() if route else None
+            if worker in alive:
+                self.stats["routed"] += 1
+                queues.append(Queue(self.settings.keys.worker_queue(worker), connection=self.redis,
+                                    serializer=JSONSerializer))
+            else:
+                self.stats["shared"] += 1
+                queues.append(self.shared)
+        return queues, sorted(alive)
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def _submit(self, jobs, kind: str, deadline_ms: int) -> tuple[list[str], float]:
+        import redis
+
+        deadline = time.monotonic() + deadline_ms / 1000
+        wall_deadline = time.time() + deadline_ms / 1000
+        payloads = [{"job": job_to_dict(j), "kind": kind, "deadline": wall_deadline} for j in jobs]
+        ttl_s = max(1, math.ceil(deadline_ms / 1000))
+        try:
+            queues, _ = self._queues_for(payloads)
+            ids = []
+            with self.redis.pipeline() as pipe:
+                for payload, queue in zip(payloads, queues):
+                    job_id = f"{kind}-{uuid.uuid4().hex}"
+                    queue.enqueue(SEGMENT_FUNC, kwargs={"payload": payload}, job_id=job_id, ttl=ttl_s,
+                                  result_ttl=60, failure_ttl=300, job_timeout=ttl_s + 30,
+                                  description=f"{kind} {payload['job'].get('image_url')}", pipeline=pipe)
+                    ids.append(job_id)
+                pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
+        return ids, deadline
+
+    def _wait(self, ids: list[str], deadline: float) -> dict[str, Result]:
+        import redis
+
+        pending = {Result.get_key(job_id): job_id for job_id in ids}
+        found: dict[str, Result] = {}
+        try:
+            while pending:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    break
+                response = self.wait_redis.xread({key: "0-0" for key in pending}, block=remaining_ms)
+                for stream, entries in response or []:
+                    stream = stream.decode() if isinstance(stream, bytes) else stream
+                    job_id = pending.pop(stream, None)
+                    if job_id is None or not entries:
+                        continue
+                    entry_id, payload = entries[-1]
+                    found[job_id] = Result.restore(job_id, entry_id.decode(), payload, connection=self.redis,
+                                                   serializer=JSONSerializer)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
+        return found
+
+    def _cancel(self, ids: list[str]) -> None:
+        """Forget jobs nobody waits for (those already started finish and their results expire)."""
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.delete(Job.key_for(job_id))
+                pipe.execute()
+        except Exception:
+            pass
+
+    def run(self, jobs, kind: str = "click", deadline_ms: int | None = None) -> list[dict]:
+        """Results in order; a job the model rejected gives a dict with ``error`` and ``status``."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        deadline_ms = deadline_ms or (self.settings.deadline_ms if kind == "click" else self.settings.prewarm_deadline_ms)
+        ids, deadline = self._submit(jobs, kind, deadline_ms)
+        found = self._wait(ids, deadline)
+        missing = [job_id for job_id in ids if job_id not in found]
+        if missing:
+            self._cancel(missing)
+            alive = self.alive_workers()
+            who = f"{len(alive)} inference worker(s) alive" if alive else "no inference worker is alive"
+            raise SegmenterUnavailable(
+                f"no answer from the inference workers within {deadline_ms} ms for {len(missing)} of {len(ids)} "
+                f"job(s) ({who})", 504)
+        results = []
+        for job_id in ids:
+            result = found[job_id]
+            if result.type == Result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
+                results.append(result.return_value)
+            else:
+                last = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
+                results.append({"error": f"inference worker failed: {last[0]}", "status": 500})
+        return results
+
+    # Segmenter protocol
+
+    def segment(self, jobs) -> list[dict]:
+        """One result per job; an outage gives every job ``{"error", "status"}`` within the deadline."""
+        jobs = list(jobs)
+        try:
+            return self.run(jobs, "click")
+        except SegmenterUnavailable as error:
+            return [{"error": str(error), "status": error.status} for _ in jobs]
+
+    def prewarm(self, jobs) -> None:
+        """Embed the tasks' images on the fleet, through the same routing; does not wait."""
+        warm = []
+        for job in jobs:
+            data = dict(job_to_dict(job))
+            data.update(points=None, point_labels=None, box=None, prewarm_only=True)
+            warm.append(data)
+        if warm:
+            try:
+                self._submit(warm, "prewarm", self.settings.prewarm_deadline_ms)
+            except SegmenterUnavailable as error:
+                log.warning("prewarm skipped: %s", error)
+
+    @property
+    def model_version(self) -> str:
+        now = time.monotonic()
+        stamp, version = self._version_cache
+        if now - stamp < 1.0:
+            return version
+        try:
+            active = self.registry.active()
+            if not active:
+                infos = self.worker_info()
+                versions = sorted({i.get("version") for i in infos if i.get("version")})
+                active = versions[0] if len(versions) == 1 else ("unknown" if not versions else ",".join(versions))
+        except Exception:
+            active = version
+        self._version_cache = (now, active)
+        return active
+
+    def worker_info(self, redis=None) -> list[dict]:
+        redis = redis or self.redis
+        names = self.alive_workers(redis)
+        if not names:
+            return []
+        raw = redis.mget([self.settings.keys.alive(n) for n in names])
+        return [dict(json.loads(r), name=n) if r else {"name": n} for n, r in zip(names, raw)]
+
+    def versions(self) -> list[str]:
+        """Known versions, the active one first (the backend's ``GET /versions``)."""
+        described = self.registry.describe()
+        names = [v["version"] for v in reversed(described["versions"])]
+        active = described["active"] or self.model_version
+        return [active] + [n for n in names if n != active]
+
+    def describe_versions(self) -> dict:
+        """Versions with sha256, parent, metrics, created_at and which one is active."""
+        return self.registry.describe()
+
+    def health(self) -> dict:
+        """Redis and worker status; bounded by a short socket timeout, never blocks on inference."""
+        probe = connect(self.settings.redis_url, timeout_s=0.5)
+        try:
+            probe.ping()
+            workers = self.worker_info(probe)
+            depth = {self.settings.keys.shared_queue: probe.llen(self.shared.key)}
+            status = {"redis": "ok", "workers": workers, "queue_depth": depth,
+                      "status": "UP" if workers else "NO_WORKERS"}
+        except Exception as error:
+            status = {"redis": f"unreachable: {error.__class__.__name__}", "workers": [], "status": "REDIS_DOWN"}
+        finally:
+            probe.close()
+        return status
+
+    def close(self) -> None:
+        for client in (self.redis, self.wait_redis):
+            try:
+                client.close()
+            except Exception:
+                pass
+
+
+def correction_sink(redis_url: str, fallback=None):
+    """The backend's correction sink with ``REDIS_URL``: Redis stream, local log when Redis is down."""
+    from workers.corrections import RedisCorrectionSink
+
+    directory = getattr(fallback, "directory", None)
+    return RedisCorrectionSink(redis_url, log_dir=directory)

@@ -1,0 +1,261 @@
+"""Corrections from Label Studio webhooks: a durable Redis stream plus a deduplicated view.
+
+* ``Keys.correction_stream`` — every accepted change, append-only (Redis runs with AOF).
+* ``Keys.corrections`` — hash annotation id -> latest correction (JSON); the training job reads it.
+* A create/update is applied only when its ``updated_at`` is newer than the stored one, so redelivered
+  and replayed events merge; a deletion removes the correction and leaves a tombstone so that a late or
+  replayed create of the same annotation cannot bring it back.
+* When Redis is down, events go to a local append-only log (``MODEL_DIR/corrections/redis-pending.jsonl``,
+  fsynced) and are replayed, in order, by the next write or health check that reaches Redis.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.settings import Keys, WorkerSettings, connect
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
+DELETE_EVENTS = {"ANNOTATIONS_DELETED", "ANNOTATION_DELETED"}
+TRAIN_EVENTS = {"START_TRAINING"}
+
+# KEYS: hash, stream, counter, tombstones; ARGV: id, updated_at, correction JSON
+_UPSERT = """
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then return 0 end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local stored = cjson.decode(current)['updated_at']
+  if type(stored) == 'string' and stored >= ARGV[2] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'op', 'upsert', 'id', ARGV[1], 'updated_at', ARGV[2], 'data', ARGV[3])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+
+# KEYS: hash, stream, tombstones; ARGV: id, time
+_DELETE = """
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'op', 'delete', 'id', ARGV[1])
+return removed
+"""
+
+
+@dataclass
+class Correction:
+    """One corrected annotation, as the training job needs it."""
+
+    annotation_id: str
+    task_id: int | None
+    updated_at: str
+    image: str | None  # the task's image URL (resolved against LABEL_STUDIO_URL by the fetcher)
+    result: list  # Label Studio result items (brushlabels with rle, rectangles, ...)
+    project: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Correction":
+        return cls(**json.loads(text))
+
+
+def image_url(task: dict) -> str | None:
+    data = task.get("data") or {}
+    for key in ("image", "img", "url"):
+        if isinstance(data.get(key), str):
+            return data[key]
+    strings = [v for v in data.values() if isinstance(v, str)]
+    return strings[0] if strings else None
+
+
+def correction_from_event(event: dict) -> Correction:
+    annotation = event.get("annotation")
+    if not isinstance(annotation, dict) or "id" not in annotation:
+        raise ValueError("annotation event without annotation.id")
+    task = event.get("task") if isinstance(event.get("task"), dict) else {}
+    task_id = task.get("id", annotation.get("task"))
+    project = event.get("project")
+    updated = annotation.get("updated_at") or annotation.get("created_at") or ""
+    return Correction(
+        annotation_id=str(annotation["id"]),
+        task_id=task_id,
+        updated_at=str(updated),
+        image=image_url(task),
+        result=annotation.get("result") or [],
+        project=project.get("id") if isinstance(project, dict) else project,
+    )
+
+
+def deleted_ids(event: dict) -> list[str]:
+    items = event.get("annotations") or ([event["annotation"]] if isinstance(event.get("annotation"), dict) else [])
+    return [str(item["id"]) for item in items if isinstance(item, dict) and "id" in item]
+
+
+class LocalLog:
+    """Append-only, fsynced JSONL of events not yet in Redis; flock makes it safe across processes."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def append(self, event: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(event, separators=(",", ":")) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def pending(self) -> int:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def drain(self, apply) -> int:
+        """Apply every logged event in order; the log shrinks only past what was applied."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "r+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            lines = [line for line in f.read().splitlines() if line.strip()]
+            done = 0
+            try:
+                for line in lines:
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line from a crash: skip it
+                        log.warning("skipping unreadable line in %s", self.path)
+                        done += 1
+                        continue
+                    apply(event)
+                    done += 1
+            finally:
+                rest = lines[done:]
+                f.seek(0)
+                f.truncate()
+                if rest:
+                    f.write("\n".join(rest) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return done
+
+
+class CorrectionStore:
+    """Reads and writes the Redis side (no fallback here; see :class:`RedisCorrectionSink`)."""
+
+    def __init__(self, redis, keys: Keys | None = None) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self._upsert = redis.register_script(_UPSERT)
+        self._delete = redis.register_script(_DELETE)
+
+    def apply(self, event: dict) -> dict:
+        action = event.get("action")
+        if action in ANNOTATION_EVENTS:
+            correction = correction_from_event(event)
+            k = self.keys
+            stored = self._upsert(
+                keys=[k.corrections, k.correction_stream, k.corrections_since_training, k.corrections + ":deleted"],
+                args=[correction.annotation_id, correction.updated_at, correction.to_json()],
+            )
+            return {"action": action, "id": correction.annotation_id, "stored": bool(stored)}
+        if action in DELETE_EVENTS:
+            k = self.keys
+            removed = 0
+            for annotation_id in deleted_ids(event):
+                removed += int(self._delete(keys=[k.corrections, k.correction_stream, k.corrections + ":deleted"],
+                                            args=[annotation_id, str(time.time())]))
+            return {"action": action, "removed": removed}
+        return {"action": action, "ignored": True}
+
+    def all(self) -> list[Correction]:
+        return [Correction.from_json(v) for _, v in sorted(self.redis.hgetall(self.keys.corrections).items())]
+
+    def count(self) -> int:
+        return int(self.redis.hlen(self.keys.corrections))
+
+    def new_since_training(self) -> int:
+        return int(self.redis.get(self.keys.corrections_since_training) or 0)
+
+    def mark_trained(self, consumed: int) -> None:
+        """Subtract what a training run consumed (corrections that arrive during training still count)."""
+        self.redis.decrby(self.keys.corrections_since_training, consumed)
+
+
+class RedisCorrectionSink:
+    """The backend's correction sink when ``REDIS_URL`` is set (falls back to the local log)."""
+
+    def __init__(self, redis_url: str, model_dir: str | os.PathLike | None = None,
+                 settings: WorkerSettings | None = None, log_dir: str | os.PathLike | None = None) -> None:
+        self.settings = settings or WorkerSettings.from_env(redis_url=redis_url)
+        if model_dir is not None:
+            self.settings.model_dir = Path(model_dir)
+        self.redis = connect(redis_url, timeout_s=1.0)
+        self.store = CorrectionStore(self.redis, self.settings.keys)
+        directory = Path(log_dir) if log_dir is not None else Path(self.settings.model_dir) / "corrections"
+        self.local = LocalLog(directory / "redis-pending.jsonl")
+
+    def record(self, event: dict) -> dict:
+        """Store one webhook event; never raises for Redis outages (the event is logged locally)."""
+        import redis
+
+        action = event.get("action")
+        if action in ANNOTATION_EVENTS:
+            correction_from_event(event)  # validate before accepting (ValueError -> 400)
+        try:
+            self.replay()
+            if action in TRAIN_EVENTS:
+                from workers.schedule import enqueue_training
+
+                job = enqueue_training(self.redis, self.settings, reason="START_TRAINING")
+                return {"action": action, "job_id": job.id, "status": str(job.get_status())}
+            outcome = self.store.apply(event)
+            self._maybe_train()
+            return dict(outcome, durable="redis")
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            log.warning("Redis unreachable (%s): %s kept in the local log", error, action)
+            self.local.append(event)
+            return {"action": action, "durable": "local-log"}
+
+    # the backend's CorrectionSink protocol
+    __call__ = record
+
+    def _maybe_train(self) -> None:
+        threshold = self.settings.train_after_corrections
+        if threshold > 0 and self.store.new_since_training() >= threshold:
+            from workers.schedule import enqueue_training
+
+            enqueue_training(self.redis, self.settings, reason=f">= {threshold} new corrections")
+
+    def replay(self) -> int:
+        """Move locally logged events into Redis (idempotent thanks to the dedup rules)."""
+        if self.local.pending() == 0:
+            return 0
+
+        def apply(event):
+            if event.get("action") in TRAIN_EVENTS:
+                from workers.schedule import enqueue_training
+
+                enqueue_training(self.redis, self.settings, reason="START_TRAINING (replayed)")
+            else:
+                self.store.apply(event)
+
+        replayed = self.local.drain(apply)
+        if replayed:
+            log.info("replayed %d locally logged correction events into Redis", replayed)
+        return replayed
+
+    def health(self) -> dict:
+        return {"pending_local": self.local.pending()}

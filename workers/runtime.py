@@ -1,0 +1,274 @@
+"""The model side of an inference worker: the served model, hot reload, batched execution.
+
+One :class:`InferenceRuntime` per worker process. It owns the :class:`Served` pair (predictor, version),
+replaced atomically (one attribute assignment) when a new version has been loaded in a background thread;
+requests in flight keep the object they started with. A version that fails to load (corrupt weights,
+sha256 mismatch, wrong config) is remembered as rejected and the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from workers.registry import ModelRegistry, RegistryError
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    predictor: object  # samlight.predictor.Predictor
+    version: str
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ModelSource:
+    """Where the first model comes from when the registry has no active version yet."""
+
+    checkpoint: str | None = None
+    random: str | None = None
+    seed: int = 0
+
+
+class BatchFetcher:
+    """The worker's fetcher, remembering the images of one batch so each is downloaded once."""
+
+    def __init__(self, fetcher) -> None:
+        self.fetcher = fetcher
+        self._images: dict[str, object] = {}
+
+    def fetch(self, url: str):
+        if url not in self._images:
+            self._images[url] = self.fetcher.fetch(url)
+        return self._images[url]
+
+    def __getattr__(self, name):
+        return getattr(self.fetcher, name)
+
+
+class InferenceRuntime:
+    def __init__(self, settings: WorkerSettings, redis, worker_name: str, device: str,
+                 source: ModelSource, fetcher=None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.worker_name = worker_name
+        self.device = device
+        self.source = source
+        self.registry = ModelRegistry(settings.model_dir, redis, settings.keys)
+        if fetcher is None:
+            from backend.images import ImageFetcher
+
+            fetcher = ImageFetcher.from_env()
+        self.fetcher = fetcher
+        self.served: Served | None = None
+        self.rejected: dict[str, str] = {}
+        self._loading: str | None = None
+        self._lock = threading.Lock()
+        self._results: dict[str, dict] = {}
+        self._stop = threading.Event()
+        self.jobs_done = 0
+        self.cache_hits = 0
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def _predictor(self, model):
+        from samlight.predictor import Predictor
+
+        return Predictor(model, device=self.device)
+
+    def load_initial(self) -> Served:
+        active = self.registry.active()
+        if active:
+            try:
+                self.served = self._load_version(active)
+                return self.served
+            except RegistryError as error:
+                self.rejected[active] = str(error)
+                log.error("active version %s cannot be served (%s); falling back to the configured model",
+                          active, error)
+        from samlight.models import load_model
+
+        model, version = load_model(self.source.checkpoint, self.source.random, self.source.seed)
+        self.served = Served(self._predictor(model), version)
+        return self.served
+
+    def _load_version(self, version: str) -> Served:
+        checkpoint = self.registry.load(version)
+        predictor = self._predictor(checkpoint.model)
+        self._warm_up(predictor)
+        return Served(predictor, version)
+
+    @staticmethod
+    def _warm_up(predictor) -> None:
+        """One tiny forward pass so the first real click after a swap pays no lazy-init cost."""
+        import numpy as np
+
+        size = predictor.model.image_encoder.img_size
+        image = np.zeros((size, size, 3), dtype=np.uint8)
+        embedding = predictor.embed(image, key="__warmup__")
+        predictor.predict_embedding(embedding, point_coords=np.array([[size / 2, size / 2]]),
+                                    point_labels=np.array([1]), multimask_output=False)
+        predictor.cache.clear() if hasattr(predictor.cache, "clear") else None
+
+    def check_version(self, wanted: str | None = None) -> None:
+        """Start loading the active version in the background if it is not the one served."""
+        if wanted is None:
+            try:
+                value = self.redis.get(self.settings.keys.active_version)
+            except Exception:
+                return
+            wanted = value.decode() if value else None
+        if not wanted or self.served is None or wanted == self.served.version or wanted in self.rejected:
+            return
+        with self._lock:
+            if self._loading is not None:
+                return
+            self._loading = wanted
+        threading.Thread(target=self._reload, args=(wanted,), name=f"reload-{wanted}", daemon=True).start()
+
+    def _reload(self, version: str) -> None:
+        started = time.monotonic()
+        try:
+            served = self._load_version(version)
+        except Exception as error:  # corrupt / mismatched / unreadable: keep serving the old model
+            self.rejected[version] = str(error)
+            log.error("rejected model version %s: %s (still serving %s)", version, error,
+                      self.served.version if self.served else None)
+            self._publish_state(error=f"rejected {version}: {error}")
+        else:
+            old = self.served.version if self.served else None
+            self.served = served  # the atomic swap
+            log.info("now serving %s (was %s), loaded in %.2fs", version, old, time.monotonic() - started)
+            self._publish_state()
+        finally:
+            with self._lock:
+                self._loading = None
+
+    def _publish_state(self, error: str | None = None) -> None:
+        try:
+            state = {"version": self.served.version if self.served else None, "rejected": sorted(self.rejected)}
+            if error:
+                state["error"] = error
+            self.redis.set(self.settings.keys.worker_model(self.worker_name), json.dumps(state), ex=3600)
+        except Exception:
+            pass
+
+    # --- background threads ----------------------------------------------------------------------
+
+    def start_background(self, queue_name: str) -> None:
+        threading.Thread(target=self._heartbeat, args=(queue_name,), name="alive", daemon=True).start()
+        threading.Thread(target=self._listen, name="model-events", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.redis.delete(self.settings.keys.alive(self.worker_name))
+            self.redis.zrem(self.settings.keys.heartbeats, self.worker_name)
+        except Exception:
+            pass
+
+    def _heartbeat(self, queue_name: str) -> None:
+        """Liveness for routing: a key that expires quickly when the process dies."""
+        ttl = self.settings.alive_ttl_ms
+        while True:
+            try:
+                info = {"queue": queue_name, "version": self.served.version if self.served else None,
+                        "loading": self._loading, "jobs": self.jobs_done, "cache_hits": self.cache_hits}
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self.settings.keys.alive(self.worker_name), json.dumps(info), px=ttl)
+                    pipe.zadd(self.settings.keys.heartbeats, {self.worker_name: int(time.time() * 1000)})
+                    pipe.execute()
+            except Exception:
+                pass
+            if self._stop.wait(ttl / 3000):
+                return
+
+    def _listen(self) -> None:
+        """Pub/sub nudge from the registry; the per-job version check covers missed messages."""
+        while not self._stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.settings.keys.version_channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        try:
+                            version = json.loads(message["data"]).get("version")
+                        except (ValueError, AttributeError):
+                            version = None
+                        self.check_version(version)
+            except Exception:
+                time.sleep(1.0)
+
+    # --- jobs -------------------------------------------------------------------------------------
+
+    def run_batch(self, jobs: list) -> None:
+        """Compute every job's result in one pass: one batched encoder call for the uncached images."""
+        self.check_version()
+        served = self.served
+        predictor = served.predictor
+        now = time.time()
+        live, cached = [], {}
+        for job in jobs:
+            payload = job.kwargs.get("payload") or {}
+            deadline = payload.get("deadline")
+            if deadline is not None and now > deadline:
+                # nobody waits for it any more: never spend model time on it
+                self._results[job.id] = {"error": "expired before a worker took it", "status": 504}
+                continue
+            live.append((job, payload))
+        from backend.jobs import run_job  # the backend's own executor: identical answers in and out of RQ
+
+        fetcher = BatchFetcher(self.fetcher)
+        images, image_keys, seen = [], [], set()
+        for job, payload in live:
+            data = payload.get("job") or {}
+            key, url = data.get("image_key"), data.get("image_url")
+            if not isinstance(key, str) or not isinstance(url, str) or key in seen:
+                continue  # run_job reports bad jobs
+            seen.add(key)
+            cached[key] = predictor.is_cached(key)
+            if not cached[key]:
+                try:
+                    images.append(fetcher.fetch(url))
+                    image_keys.append(key)
+                except Exception:
+                    pass  # run_job fetches again and reports the error
+        if images:
+            predictor.embed_many(images, image_keys)  # one batched encoder call for the whole batch
+            self._remember_routes(image_keys)
+        for job, payload in live:
+            data = payload.get("job") or {}
+            try:
+                result = run_job(data, predictor, fetcher, served.version)
+            except Exception as error:  # a bug, not bad input: fail this job only
+                log.exception("job %s failed", job.id)
+                result = {"error": f"inference failed: {error.__class__.__name__}: {error}", "status": 500}
+            hit = bool(cached.get(data.get("image_key")))
+            self.jobs_done += 1
+            self.cache_hits += int(hit)
+            if "error" not in result:
+                result["cached"] = hit  # cached before this batch (run_job sees the batch's own embedding)
+            result["worker"] = {"name": self.worker_name, "batch": len(jobs), "model_version": served.version}
+            self._results[job.id] = result
+
+    def _remember_routes(self, image_keys: list[str]) -> None:
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in image_keys:
+                    pipe.set(self.settings.keys.image_route(key), self.worker_name, ex=self.settings.route_ttl_s)
+                pipe.execute()
+        except Exception:
+            pass
+
+    def take_result(self, job_id: str) -> dict:
+        result = self._results.pop(job_id, None)
+        if result is None:
+            raise RuntimeError(f"job {job_id} was not computed by this worker's batch")
+        return result
