@@ -1,0 +1,226 @@
+"""The DLD fine-tuning job (``workers.training.run_training``), run by ``python -m workers.training_worker``.
+
+Steps: read the deduplicated corrections from Redis -> fetch their images from Label Studio (the backend's
+``ImageFetcher``, same URL resolution and token as inference) and decode their brush masks
+(``label_studio_sdk``'s RLE decoder) -> split a stable held-out set (by annotation id) -> ``samlight.distill.
+fine_tune`` from the active version (or a named student config) and the configured teacher -> evaluate the
+candidate and the active version on the held-out corrections -> publish and activate the candidate only if
+it passes the gate (mIoU better than, or within ``gate_margin`` of, the active version).
+
+Idempotent and resumable: the run directory ``MODEL_DIR/training/run-<digest>`` is named by the parent
+version, the teacher, the training corrections and the config, so a retried job resumes the same run
+(``fine_tune`` resumes from its own checkpoints) and a job whose run already produced a version is a no-op.
+torch is imported only inside the job (the forking worker's parent never touches CUDA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from workers.corrections import Correction, CorrectionStore
+from workers.registry import ModelRegistry
+from workers.settings import WorkerSettings, connect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSettings:
+    teacher: str | None = None  # SAMLIGHT_TEACHER: "vit_h:/w/sam_vit_h.pth" or "random:vit_test"
+    student_config: str = "lightening_t"  # the student to start from when no version is active
+    encoder_steps: int = 200
+    decoder_steps: int = 100
+    batch_size: int = 4
+    min_corrections: int = 2
+    device: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "TrainingSettings":
+        env = os.environ
+        return cls(
+            teacher=env.get("SAMLIGHT_TEACHER") or None,
+            student_config=env.get("SAMLIGHT_STUDENT_CONFIG", cls.student_config),
+            encoder_steps=int(env.get("SAMLIGHT_TRAIN_ENCODER_STEPS", cls.encoder_steps)),
+            decoder_steps=int(env.get("SAMLIGHT_TRAIN_DECODER_STEPS", cls.decoder_steps)),
+            batch_size=int(env.get("SAMLIGHT_TRAIN_BATCH", cls.batch_size)),
+            min_corrections=int(env.get("SAMLIGHT_TRAIN_MIN_CORRECTIONS", cls.min_corrections)),
+            device=env.get("SAMLIGHT_TRAIN_DEVICE") or None,
+        )
+
+
+def brush_masks(correction: Correction) -> list:
+    """The correction's brush masks as bool (H, W) arrays (label_studio_sdk's RLE decoder)."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import decode_rle
+
+    masks = []
+    for item in correction.result:
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "brushlabels":
+            continue
+        value = item.get("value") or {}
+        if value.get("format") != "rle" or not value.get("rle"):
+            continue
+        height, width = int(item["original_height"]), int(item["original_width"])
+        flat = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)
+        if flat.size != height * width * 4:
+            log.warning("annotation %s: brush RLE of %d values does not fit %dx%d; skipped",
+                        correction.annotation_id, flat.size, width, height)
+            continue
+        mask = flat.reshape(height, width, 4)[:, :, 3] > 127
+        if mask.any():
+            masks.append(mask)
+    return masks
+
+
+def is_held_out(annotation_id: str, fraction: float) -> bool:
+    """Stable split: the same corrections judge every candidate."""
+    bucket = int(hashlib.sha256(f"holdout:{annotation_id}".encode()).hexdigest()[:8], 16) % 1000
+    return bucket < fraction * 1000
+
+
+def split(corrections: list[Correction], fraction: float) -> tuple[list[Correction], list[Correction]]:
+    held = [c for c in corrections if is_held_out(c.annotation_id, fraction)]
+    train = [c for c in corrections if not is_held_out(c.annotation_id, fraction)]
+    if not held and len(train) >= 2 and fraction > 0:  # small projects: hold out at least one
+        held, train = train[-1:], train[:-1]
+    if not train and held:
+        train = held
+    return train, held
+
+
+def to_samples(corrections: list[Correction], fetcher) -> list:
+    from samlight.distill import TrainingSample
+
+    samples = []
+    for correction in corrections:
+        masks = brush_masks(correction)
+        if not masks or not correction.image:
+            continue
+        try:
+            image = fetcher.fetch(correction.image)
+        except Exception as error:  # one missing image must not stop the run
+            log.warning("annotation %s: image %s skipped: %s", correction.annotation_id, correction.image, error)
+            continue
+        masks = [m for m in masks if m.shape == image.shape[:2]]
+        if masks:
+            samples.append(TrainingSample(image=image, key=fetcher.image_key(correction.image), masks=masks))
+    return samples
+
+
+def box_miou(model, samples) -> dict:
+    """Box-prompt mIoU on held-out samples (``samlight.eval.evaluate_samples`` when it is available)."""
+    try:
+        from samlight.eval import evaluate_samples
+    except ImportError:
+        evaluate_samples = None
+    if evaluate_samples is not None:
+        return dict(evaluate_samples(model, samples, prompt="box"))
+    import numpy as np
+
+    from samlight.distill.data import mask_box
+    from samlight.predictor import Predictor
+
+    predictor = Predictor(model)
+    ious = []
+    for sample in samples:
+        embedding = predictor.embed(sample.load_image())
+        for mask in sample.load_masks():
+            predicted = predictor.predict_embedding(embedding, box=mask_box(mask), multimask_output=False).masks[0]
+            union = np.logical_or(predicted, mask).sum()
+            ious.append(float(np.logical_and(predicted, mask).sum() / union) if union else 1.0)
+    return {"miou": float(np.mean(ious)) if ious else 0.0, "instances": len(ious)}
+
+
+def run_digest(parent: str | None, teacher_identity: str, corrections: list[Correction], config: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"parent": parent, "teacher": teacher_identity, "config": config},
+                             sort_keys=True).encode())
+    for c in sorted(corrections, key=lambda c: c.annotation_id):
+        digest.update(f"{c.annotation_id}@{c.updated_at}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_training(reason: str = "", requested_at: float | None = None, settings: dict | None = None) -> dict:
+    """The RQ job body. Returns a JSON summary (published version, metrics, gate decision)."""
+    from rq import get_current_job
+
+    worker_settings = WorkerSettings.from_env()
+    training = TrainingSettings.from_env()
+    for name, value in (settings or {}).items():
+        setattr(training, name, value)
+    job = get_current_job()
+    redis = job.connection if job is not None else connect(worker_settings.redis_url, timeout_s=10)
+    store = CorrectionStore(redis, worker_settings.keys)
+    registry = ModelRegistry(worker_settings.model_dir, redis, worker_settings.keys)
+    consumed = store.new_since_training()
+    corrections = store.all()
+    summary: dict = {"reason": reason, "corrections": len(corrections)}
+    if len(corrections) < training.min_corrections:
+        return dict(summary, status="skipped", why=f"fewer than {training.min_corrections} corrections")
+    if not training.teacher:
+        raise ValueError("set SAMLIGHT_TEACHER (e.g. vit_h:/weights/sam_vit_h.pth) for DLD fine-tuning")
+
+    from backend.images import ImageFetcher
+    from samlight.checkpoints import TeacherSpec
+    from samlight.distill import FineTuneConfig, fine_tune
+
+    teacher_spec = TeacherSpec.parse(training.teacher)
+    active = registry.active()
+    start_from = str(registry.path(active)) if active else training.student_config
+    train_corr, held_corr = split(corrections, worker_settings.holdout_fraction)
+    config_fields = {"encoder_steps": training.encoder_steps, "decoder_steps": training.decoder_steps,
+                     "batch_size": training.batch_size}
+    digest = run_digest(active, teacher_spec.identity, train_corr, config_fields)
+    for version in registry.versions():
+        if version.metrics.get("run") == digest:
+            return dict(summary, status="up-to-date", version=version.version, run=digest)
+
+    fetcher = ImageFetcher.from_env()
+    train_samples, held_samples = to_samples(train_corr, fetcher), to_samples(held_corr, fetcher)
+    if not train_samples:
+        return dict(summary, status="skipped", why="no correction with a brush mask and a reachable image")
+    work = Path(worker_settings.model_dir) / "training" / f"run-{digest}"
+    config = FineTuneConfig(out_dir=str(work), device=training.device, progress=False,
+                            cache_dir=str(Path(worker_settings.model_dir) / "training" / "teacher-cache"),
+                            checkpoint_every=max(1, min(50, (training.encoder_steps + training.decoder_steps) // 4 or 1)),
+                            **config_fields)
+    started = time.monotonic()
+    log.info("DLD run %s: %d training / %d held-out samples, from %s, teacher %s", digest, len(train_samples),
+             len(held_samples), start_from, teacher_spec.identity)
+    candidate_dir = fine_tune(start_from, teacher_spec, train_samples, config)
+    train_s = time.monotonic() - started
+
+    from samlight.checkpoints import load_student
+
+    candidate = load_student(candidate_dir)
+    metrics = {"run": digest, "train_seconds": round(train_s, 2), "train_samples": len(train_samples),
+               "heldout_samples": len(held_samples), "reason": reason}
+    decision = {"passed": True, "why": "first version" if not active else ""}
+    if held_samples:
+        metrics["heldout"] = box_miou(candidate.model, held_samples)
+        if active:
+            baseline = registry.load(active).model
+            metrics["active_heldout"] = box_miou(baseline, held_samples)
+            cand, base = metrics["heldout"]["miou"], metrics["active_heldout"]["miou"]
+            passed = cand >= base - worker_settings.gate_margin
+            decision = {"passed": passed,
+                        "why": f"held-out mIoU {cand:.4f} vs active {base:.4f} (margin {worker_settings.gate_margin})"}
+    metrics["gate"] = decision
+    if not decision["passed"]:
+        log.warning("candidate rejected by the gate: %s", decision["why"])
+        store.mark_trained(consumed)
+        return dict(summary, status="rejected", metrics=metrics, run=digest)
+    record = registry.import_checkpoint(candidate_dir, parent=active, metrics=metrics, source="dld")
+    registry.activate(record.version)
+    store.mark_trained(consumed)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("published and activated %s (parent %s): %s", record.version, active, decision["why"])
+    return dict(summary, status="published", version=record.version, parent=active, metrics=metrics, run=digest,
+                training=asdict(training))
