@@ -77,15 +77,19 @@ def load_sam_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Sam
     state = _read_state_dict(path)
     kind = kind or infer_sam_kind(state)
     sam = build_teacher(teacher_config(kind))
-    missing, unexpected = sam.load_state_dict(state, strict=False)
+    expected = sam.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: does not match SAM {kind}: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
-    mismatched = [k for k, v in state.items() if v.shape != sam.state_dict()[k].shape]
+    mismatched = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+                  if v.shape != expected[k].shape]
     if mismatched:
-        raise CheckpointError(f"{path}: tensor shapes do not match SAM {kind}: {mismatched[:3]}")
+        raise CheckpointError(f"{path}: does not match SAM {kind}: tensor shapes differ: {mismatched[:3]}")
+    sam.load_state_dict(state)
     return sam.eval()
 
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
+from samlight.fast_encoder import GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 
 ImageLike = "np.ndarray | Image.Image | str | os.PathLike"
@@ -50,13 +52,18 @@ class Predictor:
         device: str | torch.device | None = None,
         cache: EmbeddingCache | None = None,
         autocast: bool | None = None,
+        fast_encoder: bool | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.cache = cache if cache is not None else EmbeddingCache()
-        # bf16 autocast on CUDA, float32 on CPU
-        self.autocast = self.device.type == "cuda" if autocast is None else autocast
+        on_cuda = self.device.type == "cuda"
+        # bf16 autocast for the decoder on CUDA, float32 on CPU
+        self.autocast = on_cuda if autocast is None else autocast
+        # bf16 weights + CUDA graphs for the encoder on CUDA
+        self.encoder = GraphedEncoder(model.image_encoder) if (on_cuda if fast_encoder is None else fast_encoder) \
+            else model.image_encoder
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
@@ -67,9 +74,20 @@ class Predictor:
         return contextlib.nullcontext()
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        return self.model.preprocess(tensor.float()), tuple(resized.shape[:2])
+        """Resize the longest side to the encoder's input, normalise and pad, on the model's device.
+
+        Bicubic with antialiasing, rounded to uint8 levels: what SAM's PIL-based resize computes,
+        without a trip through PIL on the CPU.
+        """
+        height, width = image.shape[:2]
+        new_h, new_w = self.transform.get_preprocess_shape(height, width, self.transform.target_length)
+        if not image.flags.writeable:  # arrays from PIL are read-only; torch wants to own writable memory
+            image = image.copy()
+        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+        if (new_h, new_w) != (height, width):
+            pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+            pixels = pixels.round_().clamp_(0, 255)
+        return self.model.preprocess(pixels), (new_h, new_w)
 
     @torch.inference_mode()
     def embed_many(self, images: list, keys: list[str | None] | None = None) -> list[ImageEmbedding]:
@@ -81,7 +99,7 @@ class Predictor:
         if todo:
             prepared = [self._prepare(arrays[i]) for i in todo]
             with self._precision():
-                features = self.model.image_encoder(torch.cat([batch for batch, _ in prepared]))
+                features = self.encoder(torch.cat([batch for batch, _ in prepared]))
             for row, i in enumerate(todo):
                 embedding = ImageEmbedding(
                     features[row : row + 1].float().clone(), tuple(arrays[i].shape[:2]), prepared[row][1]

@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter, so their tests still run (slowly) on CPU.
+# Must be set before samlight (which defines the kernels) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = Path(os.environ.get("SAMLIGHT_COCO_TINY", REPO.parent / "shared" / "data" / "coco_tiny"))

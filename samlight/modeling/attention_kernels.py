@@ -113,9 +113,12 @@ class TorchCudaKernel:
         dout, out = dout.contiguous(), out.contiguous()
         length = q.shape[-2]
         if self._use_flash(q):
-            empty = torch.empty(0, device=q.device, dtype=torch.int64)
+            # no dropout and no variable lengths: the sequence and RNG tensors are placeholders
+            no_seqlens = torch.empty(0, device=q.device, dtype=torch.int32)
+            no_rng = torch.empty(2, device=q.device, dtype=torch.int64)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse.contiguous(), empty, empty, length, length, 0.0, False, empty, empty, scale=scale
+                dout, q, k, v, out, lse.contiguous(), no_seqlens, no_seqlens, length, length, 0.0, False,
+                no_rng, no_rng, scale=scale,
             )
         else:
             padded = torch.full((*lse.shape[:-1], -(-length // 32) * 32), float("inf"), device=q.device)
@@ -155,7 +158,7 @@ class FlashAttnKernel:
 KERNELS: dict[str, AttentionKernel] = {
     kernel.name: kernel for kernel in (MathKernel(), TorchCpuKernel(), TorchCudaKernel(), FlashAttnKernel())
 }
-BACKENDS = ("auto", "reference", *KERNELS)
+BACKENDS = ("auto", "reference", "triton", *KERNELS)
 
 
 def select_kernel(backend: str, q: Tensor, needs_grad: bool) -> AttentionKernel:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from samlight.modeling import triton_dilated
 from samlight.modeling.attention_kernels import AttentionKernel, accumulation_dtype, select_kernel
 
 Tensor = torch.Tensor
@@ -166,7 +167,8 @@ def dilated_attention(
 ) -> Tensor:
     """Multi-branch dilated attention over (B, heads, N, head_dim) tensors in sequence order.
 
-    ``backend``: 'auto', 'reference', or a kernel name from :data:`attention_kernels.KERNELS`.
+    ``backend``: 'auto', 'reference', 'triton' (fused, inference), or a kernel name from
+    :data:`attention_kernels.KERNELS`.
     ``out``: optional float32 buffer to write into (inference only).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -177,6 +179,8 @@ def dilated_attention(
     if backend == "reference":
         return reference_dilated_attention(q, k, v, branches, scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if use_triton(backend, q, needs_grad) and out is None:
+        return triton_dilated.dilated_attention_triton(q, k, v, branches, scale)
     kernel = select_kernel(backend, q, needs_grad)
     if out is not None:
         if needs_grad or out.dtype != torch.float32 or out.shape != q.shape:
@@ -184,6 +188,21 @@ def dilated_attention(
         return _forward(q, k, v, branches, kernel, scale, out=out)[0]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _DilatedAttentionFunction.apply(q, k, v, branches, kernel, scale)
+
+
+def use_triton(backend: str, q: Tensor, needs_grad: bool) -> bool:
+    """The fused Triton path: asked for by name, or chosen by 'auto' for CUDA inference."""
+    if backend == "triton":
+        if needs_grad:
+            raise ValueError("attention backend 'triton' is inference-only; use 'torch_cuda' for training")
+        if not triton_dilated.available():
+            raise ValueError("attention backend 'triton' needs the triton package")
+        return True
+    head_dim = q.shape[-1]
+    return (
+        backend == "auto" and not needs_grad and q.device.type == "cuda" and triton_dilated.available()
+        and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    )
 
 
 def coverage_counts(n: int, heads: int, branches: tuple[DilatedBranch, ...], device=None) -> Tensor:
