@@ -1,0 +1,82 @@
+"""``samlight eval``: COCO box / point mIoU, and fidelity to a teacher under the same prompts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="student checkpoint directory, official SAM .pth, or random:vit_b[:seed]")
+    model.add_argument("--random", metavar="CONFIG", help="random weights of a named student config")
+    model.add_argument("--baseline", choices=["box", "oracle"], help="harness check: filled GT box / GT mask")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random weights")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--coco", help="COCO instances json[:image dir] (default image dir: the standard layout)")
+    data.add_argument("--images", help="image folder without ground truth (fidelity only; needs --teacher)")
+    parser.add_argument("--prompt", choices=["box", "point"], default="box")
+    parser.add_argument("--clicks", type=int, default=1, help="point prompts: clicks per instance")
+    parser.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    parser.add_argument("--teacher", help="also measure fidelity to this teacher (vit_h:/p.pth, random:vit_b, ...)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--grid", help="PNG grid of example predictions")
+    parser.add_argument("--examples", type=int, default=6, help="images in the --grid")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from samlight.checkpoints import TeacherSpec, load_any
+    from samlight.distill.data import coco_dataset, image_folder, parse_coco_spec
+    from samlight.eval.fidelity import fidelity
+    from samlight.eval.protocol import evaluate_samples, summarise
+    from samlight.eval.report import example_grid, table, write_json
+    from samlight.models import load_model
+
+    if args.clicks < 1:
+        raise ValueError("--clicks must be >= 1")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError("--max-images must be >= 1")
+    if args.coco:
+        annotations, image_dir = parse_coco_spec(args.coco)
+        samples = coco_dataset(annotations, image_dir, max_images=args.max_images)
+    else:
+        if not args.teacher or args.baseline:
+            raise ValueError("--images has no ground truth: give --teacher for fidelity (and a model, not a baseline)")
+        samples = image_folder(args.images)[: args.max_images]
+    progress = not args.no_progress
+    if args.baseline:
+        model, version = args.baseline, f"baseline:{args.baseline}"
+        if args.teacher:
+            raise ValueError("--teacher fidelity needs a model, not a --baseline")
+    elif args.checkpoint:
+        model, version = load_any(args.checkpoint)
+    else:
+        model, version = load_model(None, args.random, args.seed)
+    if args.coco:
+        result = evaluate_samples(model, samples, args.prompt, args.clicks, args.device,
+                                  keep_examples=args.examples if args.grid else 0, progress=progress)
+    else:
+        result = summarise([], [])
+        result.update({"images": len(samples), "prompt": args.prompt, "seconds": 0.0, "examples": []})
+    result["model"] = version
+    if args.teacher:
+        spec = TeacherSpec.parse(args.teacher)
+        teacher = spec.load()
+        fid = fidelity(model, teacher, samples, args.device, progress=progress)
+        fid["teacher"] = spec.identity
+        result["fidelity"] = fid
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.grid:
+        if not result["examples"]:
+            raise ValueError("--grid needs --coco ground truth")
+        example_grid(result["examples"], args.grid, title=f"{version}: {args.prompt} prompts")
+        print(f"wrote {args.grid}")
+    return 0
