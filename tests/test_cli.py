@@ -1,0 +1,70 @@
+"""The ``samlight`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def samlight(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "samlight.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"samlight {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def test_predict_writes_mask_and_overlay(coco_val_images, tmp_path):
+    image = coco_val_images[1]
+    width, height = Image.open(image).size
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    result = samlight("predict", "--random", "lightening_test", "--image", str(image),
+                      "--box", f"10,10,{width // 2},{height // 2}", "--point", "30,40", "--point", "5,5,0",
+                      "--out", str(out), "--overlay", str(overlay))
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(overlay).size == (width, height)
+    assert "predicted IoU" in result.stdout
+    assert "RANDOM WEIGHTS" in result.stderr
+
+
+def test_predict_errors_name_the_problem(coco_val_images, tmp_path):
+    image = str(coco_val_images[0])
+    cases = [
+        (["--random", "lightening_test", "--image", image, "--out", "m.png"], "at least one --point or a --box"),
+        (["--random", "lightening_test", "--image", image, "--box", "1,2,3", "--out", "m.png"], "four numbers"),
+        (["--random", "lightening_test", "--image", image, "--box", "5000,5000,6000,6000", "--out", "m.png"],
+         "outside"),
+        (["--random", "lightening_test", "--image", str(tmp_path / "missing.jpg"), "--box", "1,1,5,5",
+          "--out", "m.png"], "missing.jpg: cannot be read"),
+        (["--random", "nonexistent", "--image", image, "--box", "1,1,5,5", "--out", "m.png"],
+         "unknown student config"),
+    ]
+    for args, message in cases:
+        result = samlight("predict", *args, check=False)
+        assert result.returncode == 2, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_weights_init_info_verify(tmp_path):
+    out = tmp_path / "student"
+    samlight("weights", "init", "--config", "lightening_test", "--teacher", "random:vit_test", "--out", str(out))
+    info = json.loads(samlight("weights", "info", str(out)).stdout)
+    assert info["metadata"]["teacher"] == "random:vit_test:0"
+    assert "ok" in samlight("weights", "verify", str(out)).stdout
+    (out / "model.safetensors").write_bytes(b"garbage")
+    result = samlight("weights", "verify", str(out), check=False)
+    assert result.returncode == 2 and "does not match" in result.stderr
+
+
+def test_bench_on_cpu_prints_table_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = samlight("bench", "--models", "lightening_test", "--no-peers", "--repeats", "2", "--json", str(path))
+    assert "lightening_test" in result.stdout and "latency ms" in result.stdout
+    payload = json.loads(path.read_text())
+    row = payload["results"][0]
+    assert payload["device"] and payload["date"] and row["latency_ms"] > 0 and row["params_m"] > 0
