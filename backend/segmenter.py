@@ -52,20 +52,29 @@ class ModelSource:
     checkpoint: str | None = None
     random: str | None = None
     seed: int = 0
+    test_model: str | None = None  # "geometry": backend.testing's deterministic stand-in, for tests only
 
     @classmethod
     def from_env(cls, env=None) -> "ModelSource":
         env = os.environ if env is None else env
         return cls(checkpoint=env.get("SAMLIGHT_CHECKPOINT") or None, random=env.get("SAMLIGHT_RANDOM") or None,
-                   seed=int(env.get("SAMLIGHT_SEED", 0)))
+                   seed=int(env.get("SAMLIGHT_SEED", 0)), test_model=env.get("SAMLIGHT_TEST_MODEL") or None)
 
     def validate(self) -> None:
+        if self.test_model is not None:
+            from backend.testing import GEOMETRY
+
+            if self.test_model != GEOMETRY:
+                raise ValueError(f"SAMLIGHT_TEST_MODEL must be {GEOMETRY!r}, got {self.test_model!r}")
+            return
         if (self.checkpoint is None) == (self.random is None):
             raise ValueError("set SAMLIGHT_CHECKPOINT (a student directory or SAM .pth) or SAMLIGHT_RANDOM "
                              "(a config name, random weights for demos) - exactly one of them")
 
     def version(self) -> str:
         """The version string ``samlight.models.load_model`` reports, computed without loading weights."""
+        if self.test_model is not None:
+            return f"test-{self.test_model}"
         if self.random is not None:
             return f"random-{self.random}-{self.seed}"
         path = Path(self.checkpoint)
@@ -132,7 +141,7 @@ class InProcessSegmenter:
         settings.source.validate()
         self.settings = settings
         self.fetcher = fetcher
-        self._version = settings.source.version() if settings.source.random else None
+        self._version = settings.source.version()  # cheap; a SAM .pth is hashed once here, at startup
         self._predictor = None
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
@@ -146,8 +155,6 @@ class InProcessSegmenter:
 
     @property
     def model_version(self) -> str:
-        if self._version is None:
-            self._version = self.settings.source.version()
         return self._version
 
     def versions(self) -> list[str]:
@@ -166,6 +173,11 @@ class InProcessSegmenter:
         return self._predictor
 
     def _load(self):
+        if self.settings.source.test_model is not None:
+            from backend.testing import GeometryPredictor
+
+            log.warning("SERVING THE TEST-ONLY GEOMETRY MODEL (SAMLIGHT_TEST_MODEL): boxes and discs, not SAM")
+            return GeometryPredictor()
         import torch
 
         from samlight.embedding_cache import EmbeddingCache

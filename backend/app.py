@@ -1,0 +1,186 @@
+"""The Label Studio ML backend protocol over HTTP: ``create_app()`` for gunicorn.
+
+Endpoints: ``GET /health`` (and ``/``), ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``POST /train``,
+``GET /versions``. Errors answer ``{"error": message}`` with a 4xx/5xx status whose reason phrase repeats the
+message, because Label Studio shows an ML backend's failure as the HTTP status line it received.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.corrections import CorrectionSink, FileCorrectionSink
+from backend.images import ImageFetcher
+from backend.labels import ConfigError, parse_config
+from backend.model import PredictError, SamLightModel, Services
+from backend.prompts import PromptError
+from backend.segmenter import Segmenter, create_segmenter
+from backend.settings import BackendSettings
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reason(message: str) -> str:
+    """A one-line ASCII reason phrase (Label Studio displays it)."""
+    text = re.sub(r"[^\x20-\x7e]", "?", " ".join(str(message).split()))
+    return text[:300]
+
+
+def error_response(message: str, status: int) -> Response:
+    response = jsonify({"error": message})
+    response.status = f"{status} {_reason(message)}"
+    return response
+
+
+def _json_body() -> dict:
+    data = request.get_json(silent=True, force=True)
+    if data is None:
+        raise ApiError("the request body must be JSON", 400)
+    if not isinstance(data, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(data).__name__}", 400)
+    return data
+
+
+def _sink_for(settings: BackendSettings) -> CorrectionSink:
+    fallback = FileCorrectionSink(settings.corrections_dir)
+    redis_url = settings.segmenter.redis_url
+    if redis_url:
+        try:
+            from workers.client import correction_sink  # the workers' Redis stream, falling back to the file
+        except ImportError:
+            return fallback
+        return correction_sink(redis_url, fallback)
+    return fallback
+
+
+def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | None = None,
+               sink: CorrectionSink | None = None, fetcher: ImageFetcher | None = None) -> Flask:
+    settings = settings or BackendSettings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(settings.log_level)
+    fetcher = fetcher or ImageFetcher.from_settings(settings.fetch)
+    segmenter = segmenter or create_segmenter(settings.segmenter, fetcher)
+    services = Services(segmenter=segmenter, fetcher=fetcher, sink=sink or _sink_for(settings))
+    if settings.preload and hasattr(segmenter, "load_in_background"):
+        segmenter.load_in_background()
+    predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
+
+    app = Flask("samlight-backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["samlight"] = services
+
+    @app.before_request
+    def check_basic_auth():
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (auth is not None and auth.type == "basic"
+              and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+              and hmac.compare_digest(auth.password or "", settings.basic_auth_pass or ""))
+        if not ok:
+            response = error_response("basic authentication required", 401)
+            response.headers["WWW-Authenticate"] = 'Basic realm="samlight"'
+            return response
+        return None
+
+    @app.errorhandler(ApiError)
+    @app.errorhandler(PredictError)
+    def api_error(error):
+        return error_response(str(error), error.status)
+
+    @app.errorhandler(ConfigError)
+    @app.errorhandler(PromptError)
+    def bad_request(error):
+        return error_response(str(error), 400)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        return error_response(error.description or error.name, error.code or 500)
+
+    @app.errorhandler(Exception)
+    def internal_error(error):
+        log.exception("unhandled error on %s", request.path)
+        return error_response(f"internal error: {error.__class__.__name__}: {error}", 500)
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        details = segmenter.health()
+        healthy = "error" not in details
+        body = {"status": "UP" if healthy else "ERROR", "model_class": SamLightModel.__name__,
+                "model_version": segmenter.model_version, **details}
+        return jsonify(body), 200 if healthy else 503
+
+    @app.post("/setup")
+    def setup():
+        data = _json_body()
+        schema = data.get("schema")
+        if not isinstance(schema, str):
+            raise ApiError("'schema' (the project's labeling config) is required", 400)
+        parse_config(schema)
+        extra = data.get("extra_params")
+        if extra is not None and not isinstance(extra, dict):
+            raise ApiError(f"'extra_params' must be an object or null, got {type(extra).__name__}", 400)
+        return jsonify({"model_version": segmenter.model_version})
+
+    @app.post("/predict")
+    def predict():
+        data = _json_body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ApiError("'tasks' must be a non-empty list", 400)
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise ApiError("'params' must be an object", 400)
+        label_config = data.get("label_config")
+        if not isinstance(label_config, str):
+            raise ApiError("'label_config' (the project's labeling config) is required", 400)
+        model = SamLightModel(services, label_config)
+        if not predict_slots.acquire(blocking=False):
+            raise ApiError("the backend is busy: every inference slot is taken; retry", 503)
+        start = time.perf_counter()
+        try:
+            results = model.predict(tasks, context=params.get("context"))
+        finally:
+            predict_slots.release()
+        log.info("predict: %d task(s), context=%s, %.1f ms", len(tasks), params.get("context") is not None,
+                 (time.perf_counter() - start) * 1000)
+        return jsonify({"results": results, "model_version": segmenter.model_version})
+
+    @app.post("/webhook")
+    def webhook():
+        data = _json_body()
+        action = data.get("action")
+        if not isinstance(action, str) or not action:
+            raise ApiError("'action' is required", 400)
+        try:
+            outcome = SamLightModel(services).fit(action, data)
+        except OSError as error:
+            raise ApiError(f"could not record the {action} event: {error}", 503) from None
+        return jsonify(outcome)
+
+    @app.post("/train")
+    def train():
+        # Label Studio's older "start training" call; recorded like the START_TRAINING webhook
+        data = _json_body()
+        outcome = SamLightModel(services).fit("START_TRAINING", {"action": "START_TRAINING", **data})
+        return jsonify(outcome)
+
+    @app.get("/versions")
+    def versions():
+        return jsonify({"versions": segmenter.versions(), "model_version": segmenter.model_version})
+
+    return app

@@ -1,0 +1,123 @@
+"""``SamLightModel``: the label-studio-ml 2.x style model, ``predict(tasks, context)`` and ``fit(event, data)``.
+
+It holds no per-process state: every request carries the labeling config, and the model is built per request
+around the process's shared services (segmenter, image fetcher, correction sink).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from backend.corrections import RECORDED_EVENTS, CorrectionSink
+from backend.images import FetchError, ImageFetcher
+from backend.jobs import SegmentJob
+from backend.labels import LabelingSchema, parse_config
+from backend.prompts import Prompt, parse_context
+from backend.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+class PredictError(ValueError):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Services:
+    """What every request shares in one process."""
+
+    segmenter: Segmenter
+    fetcher: ImageFetcher
+    sink: CorrectionSink
+
+
+class SamLightModel:
+    def __init__(self, services: Services, label_config: str | None = None) -> None:
+        self.services = services
+        self.label_config = label_config
+
+    @property
+    def model_version(self) -> str:
+        return self.services.segmenter.model_version
+
+    @property
+    def schema(self) -> LabelingSchema:
+        if not self.label_config:
+            raise PredictError("label_config is missing")
+        return parse_config(self.label_config)
+
+    # --- predictions ----------------------------------------------------------------------------
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        """One prediction per task: a brush mask for an interactive context, an empty result otherwise."""
+        schema = self.schema
+        if not isinstance(tasks, list) or not tasks:
+            raise PredictError("tasks must be a non-empty list")
+        urls = [self._image_url(task, index, schema) for index, task in enumerate(tasks)]
+        if context and (context.get("result") if isinstance(context, dict) else True):
+            if len(tasks) != 1:
+                raise PredictError(f"an interactive context applies to one task, got {len(tasks)}")
+            return [self._interactive(urls[0], parse_context(context, schema), schema)]
+        self._prewarm(urls)
+        return [{"result": [], "score": None, "model_version": self.model_version} for _ in tasks]
+
+    @staticmethod
+    def _image_url(task, index: int, schema: LabelingSchema) -> str:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise PredictError(f"tasks[{index}] must be an object with a 'data' object")
+        url = task["data"].get(schema.image_value)
+        if not isinstance(url, str) or not url:
+            raise PredictError(f"task {task.get('id', index)} has no image URL in data.{schema.image_value}")
+        return url
+
+    def _job(self, url: str, **fields) -> SegmentJob:
+        try:
+            key = self.services.fetcher.image_key(url)
+        except FetchError as error:
+            raise PredictError(str(error), error.status) from None
+        return SegmentJob(image_url=url, image_key=key, **fields)
+
+    def _prewarm(self, urls: list[str]) -> None:
+        jobs = []
+        for url in dict.fromkeys(urls):
+            try:
+                jobs.append(self._job(url, prewarm_only=True))
+            except PredictError as error:  # a batch call still answers for every task
+                log.warning("not prewarming %s: %s", url, error)
+        if jobs:
+            self.services.segmenter.prewarm(jobs)
+
+    def _interactive(self, url: str, prompt: Prompt, schema: LabelingSchema) -> dict:
+        job = self._job(url, points=prompt.points, point_labels=prompt.point_labels, box=prompt.box,
+                        reference_size=[prompt.width, prompt.height], meta={"label": prompt.label})
+        result = self.services.segmenter.segment([job])[0]
+        if "error" in result:
+            raise PredictError(result["error"], int(result.get("status", 500)))
+        label = schema.output_label(prompt.label)
+        region = {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": schema.brush_name,
+            "to_name": schema.image_name,
+            "type": "brushlabels",
+            "original_width": result["width"],
+            "original_height": result["height"],
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": result["rle"], "brushlabels": [label] if label else []},
+            "score": result["score"],
+            "readonly": False,
+        }
+        return {"result": [region], "score": result["score"],
+                "model_version": result.get("model_version") or self.model_version}
+
+    # --- training events ------------------------------------------------------------------------
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        """Record correction and training events durably; acknowledge the others without storing them."""
+        if event not in RECORDED_EVENTS:
+            return {"status": "ignored", "action": event}
+        self.services.sink.record(data)
+        return {"status": "recorded", "action": event}

@@ -1,0 +1,71 @@
+"""The backend's configuration, read once from the environment (label-studio-ml 2.x names where they exist).
+
+| variable | meaning |
+|---|---|
+| ``LABEL_STUDIO_URL`` | Label Studio's base URL, for relative ``/data/...`` image URLs |
+| ``LABEL_STUDIO_API_KEY`` | personal access token or legacy token, sent only to that host |
+| ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` | require HTTP basic auth on every endpoint |
+| ``MODEL_DIR`` | state directory (webhook log in ``MODEL_DIR/corrections``), default ``./models`` |
+| ``LOG_LEVEL`` | ``DEBUG``, ``INFO`` (default), ``WARNING`` ... |
+| ``REDIS_URL`` | run inference on RQ workers instead of in process |
+| ``SAMLIGHT_CHECKPOINT`` / ``SAMLIGHT_RANDOM`` / ``SAMLIGHT_SEED`` | the embedded model |
+| ``SAMLIGHT_WORKERS`` / ``SAMLIGHT_THREADS`` / ``PORT`` / ``SAMLIGHT_HOST`` | gunicorn processes, threads, bind |
+| ``SAMLIGHT_PRELOAD`` | load the embedded model at worker start (default 1) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.images import FetchSettings
+from backend.segmenter import SegmenterSettings
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class BackendSettings:
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    model_dir: Path = Path("models")
+    log_level: str = "INFO"
+    host: str = "0.0.0.0"
+    port: int = 9090
+    workers: int = 1
+    threads: int = 8
+    preload: bool = True  # embedded: start loading the model when the worker starts
+    max_request_bytes: int = 256 * 1024 * 1024  # webhook payloads carry whole annotations
+
+    @classmethod
+    def from_env(cls, env=None) -> "BackendSettings":
+        env = os.environ if env is None else env
+        return cls(
+            fetch=FetchSettings.from_env(env),
+            segmenter=SegmenterSettings.from_env(env),
+            basic_auth_user=env.get("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env.get("BASIC_AUTH_PASS") or None,
+            model_dir=Path(env.get("MODEL_DIR") or "models"),
+            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+            host=env.get("SAMLIGHT_HOST") or "0.0.0.0",
+            port=int(env.get("PORT") or 9090),
+            workers=int(env.get("SAMLIGHT_WORKERS") or 1),
+            threads=int(env.get("SAMLIGHT_THREADS") or 8),
+            preload=_flag(env.get("SAMLIGHT_PRELOAD"), True),
+        )
+
+    @property
+    def corrections_dir(self) -> Path:
+        return self.model_dir / "corrections"
+
+    @property
+    def max_concurrent_predictions(self) -> int:
+        # keep two request threads free so /health and /setup never wait behind inference
+        return max(1, self.threads - 2)

@@ -1,0 +1,110 @@
+"""Small real HTTP servers for the backend tests: an image host and a stand-in for Label Studio's file and
+token endpoints (the end-to-end test uses the real Label Studio)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def make_jwt(claims: dict) -> str:
+    """An unsigned JWT-shaped token (the backend reads only its claims)."""
+    encode = lambda data: base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()  # noqa: E731
+    return f"{encode({'alg': 'HS256', 'typ': 'JWT'})}.{encode(claims)}.c2lnbmF0dXJl"
+
+
+class ImageHost:
+    """Serves ``directory`` at ``/files/<name>`` (no auth) and ``/data/upload/<name>`` (auth required).
+
+    Label Studio's rules: ``Authorization: Token <legacy>`` or ``Bearer <access>`` where the access token came
+    from ``POST /api/token/refresh/`` with the personal (refresh) token. Special paths: ``/slow`` (sleeps),
+    ``/text`` (HTML), ``/big`` (many bytes). Every request's headers are recorded in ``requests``.
+    """
+
+    def __init__(self, directory: Path, legacy_token: str = "legacy-token-123",
+                 personal_token: str | None = None, access_ttl: float = 300.0) -> None:
+        self.directory = Path(directory)
+        self.legacy_token = legacy_token
+        self.personal_token = personal_token
+        self.access_ttl = access_ttl
+        self.issued: list[str] = []
+        self.requests: list[tuple[str, str, dict]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> "ImageHost":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def authorized(self, header: str | None) -> bool:
+        if header == f"Token {self.legacy_token}":
+            return True
+        return header is not None and header.startswith("Bearer ") and header[7:] in self.issued
+
+    def _handler(self):
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: bytes, kind: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
+                    pass
+
+            def do_POST(self):
+                host.requests.append(("POST", self.path, dict(self.headers)))
+                length = int(self.headers.get("Content-Length", 0))
+                data = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/api/token/refresh/" and data.get("refresh") == host.personal_token:
+                    access = make_jwt({"token_type": "access", "exp": time.time() + host.access_ttl,
+                                       "n": len(host.issued)})
+                    host.issued.append(access)
+                    return self._send(200, json.dumps({"access": access}).encode(), "application/json")
+                return self._send(401, b'{"detail": "bad token"}', "application/json")
+
+            def do_GET(self):
+                host.requests.append(("GET", self.path, dict(self.headers)))
+                path = self.path.split("?")[0]
+                if path == "/slow":
+                    time.sleep(2)
+                    return self._send(200, b"late", "image/jpeg")
+                if path == "/text":
+                    return self._send(200, b"<html>login</html>", "text/html; charset=utf-8")
+                if path == "/big":
+                    return self._send(200, b"\0" * 200_000, "image/jpeg")
+                if path.startswith("/data/upload/"):
+                    if not host.authorized(self.headers.get("Authorization")):
+                        return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
+                                          "application/json")
+                    name = path[len("/data/upload/"):]
+                elif path.startswith("/files/"):
+                    name = path[len("/files/"):]
+                else:
+                    return self._send(404, b"not found", "text/plain")
+                file = host.directory / name
+                if "/" in name or not file.is_file():
+                    return self._send(404, b"not found", "text/plain")
+                kind = "image/png" if name.endswith(".png") else "image/jpeg"
+                return self._send(200, file.read_bytes(), kind)
+
+        return Handler
