@@ -42,11 +42,14 @@ def check(backend: str, dtype: torch.dtype, case, seed: int) -> dict:
     ref_grads = torch.autograd.grad((ref * grad.double()).sum(), (q64, k64, v64))
     row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "case": name}
     with torch.no_grad():
-        poisoned = torch.full((batch, heads, tokens, dim), float("nan"), device="cuda")
-        dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), branches, backend=backend, out=poisoned)
-        row["all_written"] = bool(torch.isfinite(poisoned).all())
-        row["forward_rel_err"] = rel_err(poisoned, ref.detach())
-    if backend != "flash_attn":
+        if backend == "triton":  # allocates its own output (never initialised: torch.empty)
+            result = dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), branches, backend=backend)
+        else:
+            result = torch.full((batch, heads, tokens, dim), float("nan"), device="cuda")
+            dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), branches, backend=backend, out=result)
+        row["all_written"] = bool(torch.isfinite(result).all())
+        row["forward_rel_err"] = rel_err(result, ref.detach())
+    if backend not in ("flash_attn", "triton"):  # inference-only backends
         qd, kd, vd = (t.to(dtype).requires_grad_() for t in (q, k, v))
         out = dilated_attention(qd, kd, vd, branches, backend=backend)
         grads = torch.autograd.grad((out.float() * grad).sum(), (qd, kd, vd))
@@ -64,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     probe = torch.zeros(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
-    for backend in ["auto", *KERNELS]:
+    for backend in ["auto", "triton", *KERNELS]:
         for dtype in (torch.bfloat16, torch.float32):
             kernel = KERNELS.get(backend)
             if kernel is not None and not kernel.supports(probe.to(dtype)):

@@ -56,6 +56,7 @@ class Result:
     weights_mb: float | None = None
     throughput_batch: int | None = None
     throughput_img_s: float | None = None
+    prompt_to_mask_ms: float | None = None
     vs_sam_vit_h_fp32: float | None = None
     vs_fastest_peer: float | None = None
     error: str | None = None
@@ -168,6 +169,21 @@ def measure(entry: Entry, device: torch.device, repeats: int, batch: int, latenc
     return result
 
 
+def measure_prompt_to_mask(name: str, device: torch.device, repeats: int) -> float:
+    """Median ms from a box prompt to a thresholded mask at 640x480 with the embedding cached."""
+    import numpy as np
+
+    from samlight.predictor import Predictor
+
+    predictor = Predictor(random_model(name), device=device)
+    image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    embedding = predictor.embed(image)
+    box = np.array([100.0, 80.0, 400.0, 360.0])
+    times = _time_ms(lambda: predictor.predict_embedding(embedding, box=box, multimask_output=False), device,
+                     repeats, warmup=3)
+    return statistics.median(times)
+
+
 def _throughput(model, entry, device, dtype, size, batch, repeats) -> tuple[int, float]:
     """Images/s at ``batch``, halving the batch while it does not fit in memory."""
     while batch >= 1:
@@ -244,6 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (e.g. 2 to match a 2-core machine)")
     parser.add_argument("--no-peers", action="store_true", help="measure only samlight models")
     parser.add_argument("--all-peers", action="store_true", help="include SAM ViT-H on CPU too (very slow)")
+    parser.add_argument("--no-prompt", action="store_true", help="skip the prompt-to-mask (decoder) measurement")
     parser.add_argument("--json", default=None, help="where to write the JSON (default bench/results/bench-<device>-<date>.json)")
 
 
@@ -264,9 +281,17 @@ def run(args: argparse.Namespace) -> int:
             results.append(Result(entry.name, entry.family, entry.precision, entry.mode, 0.0, error=str(error)[:300]))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if not args.no_prompt:
+        for result in results:
+            if result.family == "samlight" and result.mode == "eager" and result.error is None:
+                result.prompt_to_mask_ms = measure_prompt_to_mask(result.name, device, repeats)
     add_ratios(results)
     print(f"device: {device_description(device)}; torch {torch.__version__}; input 1024x1024; random weights")
     print(format_table(results))
+    for r in results:
+        if r.prompt_to_mask_ms is not None:
+            print(f"{r.name}: box prompt -> mask (640x480, cached embedding, incl. copy to host): "
+                  f"{r.prompt_to_mask_ms:.3f} ms")
     stamp = dt.datetime.now(dt.timezone.utc)
     slug = device_description(device).split(",")[0].replace(" ", "-").lower()
     path = Path(args.json or f"bench/results/bench-{slug}-{stamp:%Y%m%d-%H%M%S}.json")
