@@ -42,7 +42,9 @@ def check(backend: str, dtype: torch.dtype, case, seed: int) -> dict:
     ref_grads = torch.autograd.grad((ref * grad.double()).sum(), (q64, k64, v64))
     row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "case": name}
     with torch.no_grad():
-        if backend == "triton":  # allocates its own output (never initialised: torch.empty)
+        if backend == "triton":  # allocates its own output with torch.empty: hand it NaN-filled blocks
+            poison = torch.full((64 << 20,), float("nan"), device="cuda")
+            del poison
             result = dilated_attention(q.to(dtype), k.to(dtype), v.to(dtype), branches, backend=backend)
         else:
             result = torch.full((batch, heads, tokens, dim), float("nan"), device="cuda")
