@@ -74,6 +74,7 @@ class InferenceRuntime:
         self._stop = threading.Event()
         self.jobs_done = 0
         self.cache_hits = 0
+        self.busy = 0  # jobs in the batch being computed (health, tests)
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -179,7 +180,8 @@ class InferenceRuntime:
         while True:
             try:
                 info = {"queue": queue_name, "version": self.served.version if self.served else None,
-                        "loading": self._loading, "jobs": self.jobs_done, "cache_hits": self.cache_hits}
+                        "loading": self._loading, "jobs": self.jobs_done, "cache_hits": self.cache_hits,
+                        "busy": self.busy, "rejected": sorted(self.rejected)}
                 with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.settings.keys.alive(self.worker_name), json.dumps(info), px=ttl)
                     pipe.zadd(self.settings.keys.heartbeats, {self.worker_name: int(time.time() * 1000)})
@@ -210,6 +212,13 @@ class InferenceRuntime:
 
     def run_batch(self, jobs: list) -> None:
         """Compute every job's result in one pass: one batched encoder call for the uncached images."""
+        self.busy = len(jobs)
+        try:
+            self._run_batch(jobs)
+        finally:
+            self.busy = 0
+
+    def _run_batch(self, jobs: list) -> None:
         self.check_version()
         served = self.served
         predictor = served.predictor

@@ -1,0 +1,206 @@
+"""Inference through Redis and real RQ worker processes (2 CPU workers, reduced random model)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
+from backend.images import ImageFetcher
+from backend.jobs import SegmentJob
+from backend.rle import rle_to_mask
+from conftest import RedisServer, free_port
+from workers.client import RQSegmenter
+from workers.registry import ModelRegistry, RegistryError
+
+pytestmark = pytest.mark.timeout(240)
+WORKERS = ["w1", "w2"]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, coco_tiny):
+    """redis-server + image server + two inference workers, shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    redis = RedisServer(free_port(), tmp)
+    redis.start()
+    images = ImageServer(coco_tiny / "val2017", slow_s=8.0)
+    model_dir = tmp / "models"
+    processes = {name: start_inference_worker(redis.url, model_dir, name, tmp, SAMLIGHT_MAX_BATCH=4)
+                 for name in WORKERS}
+    fetcher = ImageFetcher()
+    segmenter = RQSegmenter(redis.url, fetcher=fetcher, model_dir=model_dir, deadline_ms=20000)
+    try:
+        wait_for_workers(segmenter, WORKERS)
+        yield {"redis": redis, "images": images, "segmenter": segmenter, "processes": processes,
+               "model_dir": model_dir, "fetcher": fetcher, "tmp": tmp,
+               "names": sorted(p.name for p in (coco_tiny / "val2017").glob("*.jpg"))}
+    finally:
+        for process in processes.values():
+            stop(process)
+        images.close()
+        redis.stop()
+
+
+def click(fleet, index: int, point=(120.0, 90.0), slow: bool = False) -> SegmentJob:
+    url = fleet["images"].url(fleet["names"][index], slow=slow)
+    return SegmentJob(image_url=url, image_key=fleet["fetcher"].image_key(url), points=[list(point)],
+                      point_labels=[1])
+
+
+def test_click_round_trip(fleet):
+    segmenter = fleet["segmenter"]
+    [result] = segmenter.segment([click(fleet, 0)])
+    assert "error" not in result, result
+    mask = rle_to_mask(result["rle"], result["height"], result["width"])
+    assert mask.shape == (result["height"], result["width"]) == (480, 640)
+    assert result["model_version"] == "random-lightening_test-0" == segmenter.model_version
+    assert result["worker"]["name"] in WORKERS and result["cached"] is False
+    [again] = segmenter.segment([click(fleet, 0, point=(300.0, 200.0))])
+    assert again["cached"] is True and again["worker"]["name"] == result["worker"]["name"]
+    # bad prompt: a clean per-job error, not an exception
+    [bad] = segmenter.segment([SegmentJob(image_url="ftp://x/y.jpg", image_key="k", points=[[1, 1]],
+                                          point_labels=[1])])
+    assert bad["status"] == 400 and "unsupported image URL" in bad["error"]
+    health = segmenter.health()
+    assert health["redis"] == "ok" and {w["name"] for w in health["workers"]} == set(WORKERS)
+    # RQ's own tooling sees the workers and queues
+    info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "-u", fleet["redis"].url],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0 and "samlight-infer" in info.stdout and "w1" in info.stdout, info.stdout + info.stderr
+
+
+def test_routing_reuses_embeddings_across_workers(fleet):
+    segmenter = fleet["segmenter"]
+    redis = segmenter.redis
+    indices = list(range(1, 9))
+    segmenter.prewarm([click(fleet, i) for i in indices])  # through the shared queue, in micro-batches
+    keys = [click(fleet, i).image_key for i in indices]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(redis.get(f"samlight:route:{k}") for k in keys):
+        time.sleep(0.1)
+    owners = {k: redis.get(f"samlight:route:{k}").decode() for k in keys}
+    results = segmenter.segment([click(fleet, i, point=(50.0 + 10 * n, 60.0)) for n, i in enumerate(indices)
+                                 for _ in range(2)])
+    assert all("error" not in r for r in results), results
+    hits = sum(r["cached"] for r in results)
+    assert hits == len(results)  # every click reached the worker holding its image's embedding
+    for n, i in enumerate(indices):
+        for r in results[2 * n: 2 * n + 2]:
+            assert r["worker"]["name"] == owners[keys[n]]
+    assert max(r["worker"]["batch"] for r in results) > 1  # queued clicks were drained into batches
+
+
+def test_no_worker_fails_fast(redis_server):
+    segmenter = RQSegmenter(redis_server.url, fetcher=ImageFetcher(), deadline_ms=3000)
+    started = time.monotonic()
+    [result] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
+                                             points=[[1, 1]], point_labels=[1])])
+    assert result["status"] == 503 and "no inference worker" in result["error"]
+    assert time.monotonic() - started < 3.0
+    assert segmenter.health()["status"] == "NO_WORKERS"
+    redis_server.stop()
+    [down] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
+                                           points=[[1, 1]], point_labels=[1])])
+    assert down["status"] == 503 and "Redis" in down["error"]
+    assert segmenter.health()["redis"].startswith("unreachable")
+
+
+def _new_version(registry: ModelRegistry, seed: int):
+    from samlight.modeling import build_student, seeded, student_config
+
+    config = student_config("lightening_test")
+    return registry.save_version(seeded(seed, build_student, config), config, parent=registry.active(),
+                                 metrics={"seed": seed}, source="test")
+
+
+def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
+    segmenter = fleet["segmenter"]
+    registry = ModelRegistry(fleet["model_dir"], segmenter.redis)
+    errors, versions, stop_flag = [], [], threading.Event()
+
+    def annotator(offset: int):
+        n = 0
+        while not stop_flag.is_set():
+            [r] = segmenter.segment([click(fleet, 10 + (offset + n) % 6, point=(100.0 + n % 50, 100.0))])
+            n += 1
+            (errors if "error" in r else versions).append(r.get("error") or r["model_version"])
+
+    threads = [threading.Thread(target=annotator, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        record = _new_version(registry, seed=7)
+        registry.activate(record.version)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = segmenter.worker_info()
+            if len(info) == 2 and all(w.get("version") == record.version for w in info):
+                break
+            time.sleep(0.2)
+        served_before = len(versions)
+        time.sleep(1.5)
+        # a corrupt version: the registry refuses to activate it, and workers told about it anyway reject it
+        bad = _new_version(registry, seed=8)
+        with open(registry.path(bad.version) / "model.safetensors", "r+b") as f:
+            f.seek(200)
+            f.write(b"\x00garbage\x00")
+        with pytest.raises(RegistryError):
+            registry.activate(bad.version)
+        segmenter.redis.set("samlight:model:active", bad.version)
+        segmenter.redis.publish("samlight:model:events", '{"event": "activate", "version": "%s"}' % bad.version)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = segmenter.worker_info()
+            if all(bad.version in w.get("rejected", []) for w in info) and len(info) == 2:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop_flag.set()
+        for t in threads:
+            t.join()
+        segmenter.redis.set("samlight:model:active", record.version)
+    assert errors == []
+    assert versions[0] == "random-lightening_test-0" and versions[-1] == record.version
+    assert set(versions[served_before:]) == {record.version}  # the corrupt version never served a click
+    assert all(bad.version in w["rejected"] for w in segmenter.worker_info())
+    assert segmenter.versions()[0] == record.version
+
+
+def test_worker_killed_mid_job(fleet):
+    segmenter = RQSegmenter(fleet["redis"].url, fetcher=fleet["fetcher"], model_dir=fleet["model_dir"],
+                            deadline_ms=4000)
+    outcome = {}
+    idle_by = time.monotonic() + 10  # heartbeats of the previous test's last batch must not be mistaken
+    while any(w.get("busy") for w in segmenter.worker_info()) and time.monotonic() < idle_by:
+        time.sleep(0.1)
+    time.sleep(0.6)
+
+    def request():
+        started = time.monotonic()
+        outcome["result"] = segmenter.segment([click(fleet, 20, slow=True)])[0]
+        outcome["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 3
+    while victim is None and time.monotonic() < deadline:
+        busy = [w["name"] for w in segmenter.worker_info() if w.get("busy")]
+        victim = busy[0] if busy else None
+        time.sleep(0.05)
+    assert victim is not None, "no worker picked up the slow job"
+    fleet["processes"][victim].send_signal(signal.SIGKILL)
+    thread.join(timeout=10)
+    assert outcome["result"]["status"] == 504 and "within 4000 ms" in outcome["result"]["error"]
+    assert outcome["elapsed"] < 4.0 + 1.0
+    survivor = next(name for name in WORKERS if name != victim)
+    [result] = segmenter.segment([click(fleet, 21)])
+    assert "error" not in result and result["worker"]["name"] == survivor, (result, segmenter.worker_info())
