@@ -1,0 +1,134 @@
+"""The whole loop on CPU: corrections -> DLD job on a training worker -> gated new version -> workers serve it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from _workers_support import REPO, ImageServer, start_inference_worker, stop, wait_for_workers, worker_env
+from backend.images import ImageFetcher
+from backend.jobs import SegmentJob
+from backend.rle import mask_to_rle
+from workers.client import RQSegmenter, correction_sink
+from workers.registry import ModelRegistry
+from workers.training import brush_masks, split
+from workers.corrections import Correction
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def coco_corrections(coco_tiny, images: ImageServer, count: int) -> list[dict]:
+    """Webhook events whose annotations are COCO ground-truth masks as Label Studio brush RLE."""
+    data = json.loads((coco_tiny / "annotations" / "instances_train2017.json").read_text())
+    by_image: dict[int, list] = {}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd") and ann["area"] > 2000:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    events = []
+    for info in data["images"]:
+        anns = by_image.get(info["id"], [])[:3]
+        if not anns or not (coco_tiny / "train2017" / info["file_name"]).exists():
+            continue
+        h, w = info["height"], info["width"]
+        result = []
+        for ann in anns:
+            segm = ann["segmentation"]
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w)) if isinstance(segm, list) else segm
+            mask = mask_utils.decode(rle).astype(bool)
+            result.append({"id": f"r{ann['id']}", "type": "brushlabels", "from_name": "tag", "to_name": "image",
+                           "original_width": w, "original_height": h,
+                           "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["object"]}})
+        n = len(events) + 1
+        events.append({"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                       "task": {"id": n, "data": {"image": images.url(info["file_name"])}},
+                       "annotation": {"id": 1000 + n, "task": n, "updated_at": f"2026-11-24T12:00:{n:02d}Z",
+                                      "result": result}})
+        if len(events) == count:
+            break
+    return events
+
+
+def test_brush_masks_round_trip_and_split():
+    mask = np.zeros((30, 40), dtype=bool)
+    mask[5:20, 10:35] = True
+    correction = Correction("7", 1, "t", "http://x/a.jpg", [
+        {"type": "brushlabels", "original_width": 40, "original_height": 30,
+         "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["a"]}},
+        {"type": "rectanglelabels", "value": {}}])
+    [decoded] = brush_masks(correction)
+    assert np.array_equal(decoded, mask)
+    corrections = [Correction(str(i), i, "t", "u", []) for i in range(20)]
+    train, held = split(corrections, 0.2)
+    assert held and train and not {c.annotation_id for c in train} & {c.annotation_id for c in held}
+    assert split(corrections, 0.2) == (train, held)  # stable: the same corrections judge every candidate
+
+
+def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_tiny):
+    images = ImageServer(coco_tiny / "train2017")
+    model_dir = tmp_path / "models"
+    fetcher = ImageFetcher()
+    segmenter = RQSegmenter(redis_server.url, fetcher=fetcher, model_dir=model_dir, deadline_ms=20000)
+    inference = start_inference_worker(redis_server.url, model_dir, "w1", tmp_path)
+    training_env = worker_env(model_dir, SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
+                              SAMLIGHT_TRAIN_ENCODER_STEPS=3, SAMLIGHT_TRAIN_DECODER_STEPS=3, SAMLIGHT_TRAIN_BATCH=2,
+                              SAMLIGHT_HOLDOUT_FRACTION=0.25)
+    try:
+        sink = correction_sink(redis_server.url, None)
+        sink.settings.model_dir = model_dir
+        for event in coco_corrections(coco_tiny, images, 5):
+            assert sink.record(event)["stored"]
+        queued = sink.record({"action": "START_TRAINING", "project": {"id": 1}})
+        assert queued["job_id"] == "samlight-dld"
+        wait_for_workers(segmenter, ["w1"])
+        url = images.url(sorted(p.name for p in (coco_tiny / "train2017").glob("*.jpg"))[0])
+        job = SegmentJob(image_url=url, image_key=fetcher.image_key(url), box=[50, 50, 300, 300])
+        [before] = segmenter.segment([job])
+        assert before["model_version"] == "random-lightening_test-0"
+
+        for round_ in range(2):
+            log = open(tmp_path / f"train{round_}.log", "wb")
+            trainer = subprocess.run([sys.executable, "-m", "workers.training_worker", "--burst", "--redis-url",
+                                      redis_server.url], cwd=REPO, env=training_env, stdout=log,
+                                     stderr=subprocess.STDOUT, timeout=240)
+            text = (tmp_path / f"train{round_}.log").read_text()
+            assert trainer.returncode == 0, text
+            from rq.job import Job
+            from rq.serializers import JSONSerializer
+
+            summary = Job.fetch("samlight-dld", connection=sink.redis, serializer=JSONSerializer).return_value()
+            assert summary is not None, text
+            if round_ == 0:
+                first = summary
+                assert summary["status"] == "published", summary
+                registry = ModelRegistry(model_dir, sink.redis)
+                record = registry.get(summary["version"])
+                assert registry.active() == record.version and record.parent is None
+                assert record.metrics["heldout"]["instances"] > 0 and record.metrics["gate"]["passed"]
+                # the inference worker switches without a restart
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    [after] = segmenter.segment([job])
+                    if after.get("model_version") == record.version:
+                        break
+                    time.sleep(0.2)
+                assert after["model_version"] == record.version and "error" not in after
+                assert segmenter.model_version == record.version
+                # more corrections, and training again: now gated against the active version
+                for event in coco_corrections(coco_tiny, images, 8)[5:]:
+                    sink.record(event)
+                sink.record({"action": "START_TRAINING"})
+            else:
+                assert summary["status"] in ("published", "rejected"), summary
+                assert "active_heldout" in summary["metrics"] and "why" in summary["metrics"]["gate"]
+                if summary["status"] == "published":
+                    assert registry.get(summary["version"]).parent == first["version"]
+        assert sink.store.new_since_training() == 0
+    finally:
+        stop(inference)
+        images.close()
