@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Container healthchecks (exit 0 healthy, 1 unhealthy), used by the images' HEALTHCHECK and compose.
 
-    healthcheck.py http URL        the URL answers 2xx within the timeout (backend, Label Studio)
+    healthcheck.py http URL        the URL answers 2xx (or --accept CODE) within the timeout
     healthcheck.py rq-worker       an RQ worker of this container (same hostname) is registered in
                                    Redis ($REDIS_URL) with a heartbeat younger than --max-age seconds
     healthcheck.py rq-cron         the same for an RQ CronScheduler (the one cron process)
@@ -12,6 +12,7 @@ Standard library only for `http`; `redis` and `rq` (in every samlight image) for
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import socket
 import sys
@@ -21,14 +22,21 @@ import urllib.request
 from datetime import datetime, timezone
 
 
-def check_http(url: str, timeout: float) -> str | None:
-    """None when healthy, else the reason."""
+def check_http(url: str, timeout: float, accept: frozenset[int] = frozenset(),
+               auth: tuple[str, str] | None = None) -> str | None:
+    """None when `url` answers 2xx (or a status in `accept`) within `timeout`, else the reason."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed local URL)
-            if 200 <= response.status < 300:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (fixed local URL)
+            if 200 <= response.status < 300 or response.status in accept:
                 return None
             return f"{url} answered {response.status}"
     except urllib.error.HTTPError as error:
+        if error.code in accept:
+            return None
         return f"{url} answered {error.code}"
     except (urllib.error.URLError, OSError) as error:
         return f"{url}: {error}"
@@ -74,12 +82,24 @@ def _timestamp(moment: datetime) -> float:
     return moment.timestamp()
 
 
+def _auth_from_env(spec: str | None) -> tuple[str, str] | None:
+    if not spec:
+        return None
+    user_var, _, pass_var = spec.partition(":")
+    user = os.environ.get(user_var)
+    return (user, os.environ.get(pass_var, "")) if user else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds for each network call")
     sub = parser.add_subparsers(dest="check", required=True)
     http = sub.add_parser("http", help="GET a URL")
     http.add_argument("url")
+    http.add_argument("--accept", type=int, action="append", default=[],
+                      help="another status that means up (e.g. 401 behind basic auth)")
+    http.add_argument("--auth-env", metavar="USER_VAR:PASS_VAR",
+                      help="send basic auth with the credentials in these variables, when USER_VAR is set")
     for kind in ("worker", "cron"):
         what = "an RQ worker" if kind == "worker" else "an RQ CronScheduler"
         rq = sub.add_parser(f"rq-{kind}", help=f"{what} started on this host sends heartbeats")
@@ -92,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.check == "http":
-        problem = check_http(args.url, args.timeout)
+        problem = check_http(args.url, args.timeout, frozenset(args.accept), _auth_from_env(args.auth_env))
     elif not args.redis_url:
         problem = "REDIS_URL is not set"
     else:
