@@ -66,7 +66,10 @@ def detect_gpus() -> tuple[str, ...]:
 
 
 def service_name(gpu: str) -> str:
-    return "inference-gpu" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    """inference-gpu3 for index 3; inference-gpu-8f2c... for a GPU UUID, inference-mig-... for a MIG UUID."""
+    if gpu.isdigit():
+        return f"inference-gpu{gpu}"
+    return "inference-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def render(layout: Layout, command_line: str, templates: str = "services.yml") -> str:
