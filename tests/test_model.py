@@ -104,3 +104,10 @@ def test_seeded_builds_are_identical_and_do_not_touch_the_global_rng():
     b = seeded(5, build_student, student_config("lightening_test"))
     assert torch.equal(before, after)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_patch_embedding_gemm_equals_the_convolution(test_student):
+    encoder = test_student.image_encoder
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(encoder.embed_patches(x), encoder.patch_embed(x), atol=1e-4)

@@ -34,10 +34,12 @@ class AttentionKernel(Protocol):
 
     def supports(self, q: Tensor) -> bool: ...
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]: ...
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, object]:
+        """(out, lse, aux): aux is whatever this kernel's backward needs from its forward."""
+        ...
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, aux: object
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
@@ -55,9 +57,9 @@ class MathKernel:
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
         out = torch.matmul(probs, v.to(dt))
-        return out.to(q.dtype), lse
+        return out.to(q.dtype), lse, None
 
-    def backward(self, dout, q, k, v, out, lse, scale):
+    def backward(self, dout, q, k, v, out, lse, scale, aux=None):
         dt = accumulation_dtype(q.dtype)
         q_, k_, v_, do_ = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
         probs = torch.exp(torch.matmul(q_, k_.transpose(-1, -2)) * scale - lse.to(dt).unsqueeze(-1))
@@ -80,9 +82,9 @@ class TorchCpuKernel:
 
     def forward(self, q, k, v, scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse.to(accumulation_dtype(q.dtype))
+        return out, lse.to(accumulation_dtype(q.dtype)), None
 
-    def backward(self, dout, q, k, v, out, lse, scale):
+    def backward(self, dout, q, k, v, out, lse, scale, aux=None):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, scale=scale
         )
@@ -103,29 +105,32 @@ class TorchCudaKernel:
     def forward(self, q, k, v, scale):
         length = q.shape[-2]
         if self._use_flash(q):
-            out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-        else:
-            out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, False, False, scale=scale
+            )
+            return out, lse.float(), (cum_q, cum_k, max_q, max_k, seed, offset)
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale
+        )
         # the memory-efficient kernel pads lse to a multiple of 32 rows
-        return out, lse[..., :length].float()
+        return out, lse[..., :length].float(), (seed, offset)
 
-    def backward(self, dout, q, k, v, out, lse, scale):
+    def backward(self, dout, q, k, v, out, lse, scale, aux):
         dout, out = dout.contiguous(), out.contiguous()
         length = q.shape[-2]
         if self._use_flash(q):
-            # no dropout and no variable lengths: the sequence and RNG tensors are placeholders
-            no_seqlens = torch.empty(0, device=q.device, dtype=torch.int32)
-            no_rng = torch.empty(2, device=q.device, dtype=torch.int64)
+            # the forward's own sequence-length and RNG outputs (undefined for fixed-length, no dropout)
+            cum_q, cum_k, max_q, max_k, seed, offset = aux
             grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse.contiguous(), no_seqlens, no_seqlens, length, length, 0.0, False,
-                no_rng, no_rng, scale=scale,
+                dout, q, k, v, out, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset,
+                scale=scale,
             )
         else:
+            seed, offset = aux
             padded = torch.full((*lse.shape[:-1], -(-length // 32) * 32), float("inf"), device=q.device)
             padded[..., :length] = lse
-            seed = torch.zeros((), dtype=torch.int64, device=q.device)
             grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                dout, q, k, v, None, out, padded, seed, seed, 0.0, [True, True, True, False], False, scale=scale
+                dout, q, k, v, None, out, padded, seed, offset, 0.0, [True, True, True, False], False, scale=scale
             )
         return grads[0], grads[1], grads[2]
 
@@ -149,9 +154,9 @@ class FlashAttnKernel:
         out, lse, _ = flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, return_attn_probs=True
         )
-        return out.transpose(1, 2), lse.float()
+        return out.transpose(1, 2), lse.float(), None
 
-    def backward(self, dout, q, k, v, out, lse, scale):
+    def backward(self, dout, q, k, v, out, lse, scale, aux=None):
         raise NotImplementedError("flash_attn kernel is used for inference only")
 
 

@@ -102,8 +102,8 @@ def _groups(branches: tuple[DilatedBranch, ...]) -> list[list[DilatedBranch]]:
 def _run_group(kernel: AttentionKernel, group, q, k, v, scale):
     sizes = [q.shape[0] * q.shape[1] * (q.shape[2] // br.segment) for br in group]
     qs, ks, vs = (torch.cat([_gather(t, br) for br in group]) for t in (q, k, v))
-    out, lse = kernel.forward(qs, ks, vs, scale)
-    return zip(group, out.split(sizes), lse.split(sizes))
+    out, lse, aux = kernel.forward(qs, ks, vs, scale)
+    return [(branch, o, l) for branch, o, l in zip(group, out.split(sizes), lse.split(sizes))], aux
 
 
 def _forward(q, k, v, branches, kernel, scale, out=None):
@@ -112,9 +112,11 @@ def _forward(q, k, v, branches, kernel, scale, out=None):
     dtype = accumulation_dtype(q.dtype)
     acc = torch.empty(b, h, n, d, dtype=dtype, device=q.device) if out is None else out
     lse_total = torch.full((b, h, n), float("-inf"), dtype=dtype, device=q.device)
-    branch_lse = []
+    branch_lse, aux = [], []
     for group in _groups(branches):
-        for branch, o_b, lse_b in _run_group(kernel, group, q, k, v, scale):
+        results, group_aux = _run_group(kernel, group, q, k, v, scale)
+        aux.append(group_aux)
+        for branch, o_b, lse_b in results:
             lse_b = lse_b.squeeze(1)
             old = _select(lse_total, branch).squeeze(1)
             new = torch.logaddexp(old, lse_b)
@@ -125,15 +127,15 @@ def _forward(q, k, v, branches, kernel, scale, out=None):
             _assign(lse_total, branch, new)
             branch_lse.append(lse_b)
     acc.masked_fill_(torch.isinf(lse_total).unsqueeze(-1), 0.0)
-    return acc, lse_total, branch_lse
+    return acc, lse_total, branch_lse, aux
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, branches, kernel, scale):
-        out, lse_total, branch_lse = _forward(q, k, v, branches, kernel, scale)
+        out, lse_total, branch_lse, aux = _forward(q, k, v, branches, kernel, scale)
         out = out.to(q.dtype)
-        ctx.branches, ctx.kernel, ctx.scale = branches, kernel, scale
+        ctx.branches, ctx.kernel, ctx.scale, ctx.aux = branches, kernel, scale, aux
         ctx.save_for_backward(q, k, v, out, lse_total, *branch_lse)
         return out
 
@@ -142,14 +144,14 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse_total, *branch_lse = ctx.saved_tensors
         lse_of = dict(zip(ctx.branches, branch_lse))
         dq, dk, dv = (torch.zeros_like(t, dtype=lse_total.dtype) for t in (q, k, v))
-        for group in _groups(ctx.branches):
+        for group, aux in zip(_groups(ctx.branches), ctx.aux):
             sizes = [q.shape[0] * q.shape[1] * (q.shape[2] // br.segment) for br in group]
             lse_b = torch.cat([lse_of[br].unsqueeze(1) for br in group])
             weight = torch.exp(lse_b - torch.cat([_select(lse_total, br) for br in group]))
             grad_out = (torch.cat([_select(dout, br) for br in group]) * weight.unsqueeze(-1)).to(q.dtype)
             mixed_out = torch.cat([_select(out, br) for br in group])
             gathered = [torch.cat([_gather(t, br) for br in group]) for t in (q, k, v)]
-            grads = ctx.kernel.backward(grad_out, *gathered, mixed_out, lse_b.contiguous(), ctx.scale)
+            grads = ctx.kernel.backward(grad_out, *gathered, mixed_out, lse_b.contiguous(), ctx.scale, aux)
             for target, grad in zip((dq, dk, dv), grads):
                 for branch, part in zip(group, grad.split(sizes)):
                     _assign(target, branch, part.to(target.dtype), accumulate=True)

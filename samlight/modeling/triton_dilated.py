@@ -39,7 +39,7 @@ if triton is not None:
         sob, son, soh, slb, slh,
         heads, seq_len, qk_scale,
         SEGMENT: tl.constexpr, DILATION: tl.constexpr, SPARSE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program (query block of one sparse segment, batch*head)
         pid_m = tl.program_id(0)
@@ -67,13 +67,13 @@ if triton is not None:
             k = tl.load(K + b * skb + h * skh + k_pos[:, None] * skn + dims[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + k_pos[:, None] * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
             # scores in base 2: qk_scale already holds log2(e)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out = acc / l_i[:, None]
@@ -155,6 +155,8 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
             h, n, qk_scale,
             SEGMENT=branch.segment, DILATION=branch.dilation, SPARSE=sparse,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            # float32 inputs get true float32 products, not TF32 (half types are exact either way)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
     dilations = _dilations_on(tuple(br.dilation for br in branches), str(q.device))
     rows = b * n * h
