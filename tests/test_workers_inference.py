@@ -103,7 +103,7 @@ def test_no_worker_fails_fast(redis_server):
                                              points=[[1, 1]], point_labels=[1])])
     assert result["status"] == 503 and "no inference worker" in result["error"]
     assert time.monotonic() - started < 3.0
-    assert segmenter.health()["status"] == "NO_WORKERS"
+    assert segmenter.health()["fleet"] == "NO_WORKERS"
     redis_server.stop()
     [down] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
                                            points=[[1, 1]], point_labels=[1])])

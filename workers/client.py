@@ -5,14 +5,18 @@ RQ result streams with ``XREAD BLOCK <ms>`` (``Job.latest_result`` only takes wh
 gets its answer or a clean error within ``deadline_ms``. Jobs carry an RQ ``ttl`` and the deadline in
 their payload, so a click nobody waits for any more is dropped before it reaches the model.
 
-Routing: a worker that embeds an image records ``route:<image key> -> worker`` (TTL); a click or prewarm
-for that image goes to that worker's own queue while the worker is alive (heartbeat sorted set), to the
-shared queue otherwise. Nothing here imports torch.
+Routing (embedding reuse across the fleet): ``route:<image key> -> worker`` (TTL, refreshed by the worker
+that embeds the image). A prewarm or click for an image goes to its worker's own queue while that worker is
+alive (heartbeat sorted set); an image without a live route is claimed for a live worker chosen by
+rendezvous hashing (the same choice in every backend process), so the prewarm of a task and the clicks that
+follow meet on one worker even before the embedding exists. The shared queue takes jobs without an image
+key (and is drained by every worker). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -91,27 +95,46 @@ class RQSegmenter:
         return [n.decode() for n in names]
 
     def _queues_for(self, payloads: list[dict]) -> tuple[list[Queue], list[str]]:
+        """Each job's queue: the worker holding (or claimed for) its image, the shared queue without a key."""
         keys = [p["job"].get("image_key") for p in payloads]
+        route_keys = [self.settings.keys.image_route(k) if isinstance(k, str) and k else None for k in keys]
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrangebyscore(self.settings.keys.heartbeats, int(time.time() * 1000) - self.settings.alive_ttl_ms,
                                "+inf")
-            for key in keys:
-                pipe.get(self.settings.keys.image_route(key) if key else "__none__")
+            for key in route_keys:
+                pipe.get(key or "__none__")
             alive_raw, *routes = pipe.execute()
-        alive = {n.decode() for n in alive_raw}
+        alive = sorted(n.decode() for n in alive_raw)
         if not alive:
             raise SegmenterUnavailable("no inference worker is running (start `python -m workers.inference`)", 503)
-        queues = []
-        for route in routes:
+        chosen, claims = [], {}
+        for key, route_key, route in zip(keys, route_keys, routes):
             worker = route.decode() if route else None
-            if worker in alive:
+            if route_key is None:
+                chosen.append(None)
+                continue
+            if worker not in alive:
+                # unclaimed image, or its worker died: every backend thread picks the same live worker
+                # (rendezvous hashing), so the prewarm and the clicks of one image meet on one worker
+                worker = claims.get(route_key) or max(alive, key=lambda w: hashlib.blake2b(
+                    f"{key}|{w}".encode(), digest_size=8).digest())
+                claims[route_key] = worker
+            chosen.append(worker)
+        if claims:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for route_key, worker in claims.items():
+                    pipe.set(route_key, worker, ex=self.settings.route_ttl_s)
+                pipe.execute()
+        queues = []
+        for worker in chosen:
+            if worker is None:
+                self.stats["shared"] += 1
+                queues.append(self.shared)
+            else:
                 self.stats["routed"] += 1
                 queues.append(Queue(self.settings.keys.worker_queue(worker), connection=self.redis,
                                     serializer=JSONSerializer))
-            else:
-                self.stats["shared"] += 1
-                queues.append(self.shared)
-        return queues, sorted(alive)
+        return queues, alive
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -262,10 +285,11 @@ class RQSegmenter:
             probe.ping()
             workers = self.worker_info(probe)
             depth = {self.settings.keys.shared_queue: probe.llen(self.shared.key)}
-            status = {"redis": "ok", "workers": workers, "queue_depth": depth,
-                      "status": "UP" if workers else "NO_WORKERS"}
+            status = {"mode": "rq", "redis": "ok", "workers": workers, "queue_depth": depth,
+                      "fleet": "UP" if workers else "NO_WORKERS"}
         except Exception as error:
-            status = {"redis": f"unreachable: {error.__class__.__name__}", "workers": [], "status": "REDIS_DOWN"}
+            status = {"mode": "rq", "redis": f"unreachable: {error.__class__.__name__}", "workers": [],
+                      "fleet": "REDIS_DOWN", "error": f"Redis is unreachable: {error}"}
         finally:
             probe.close()
         return status

@@ -79,7 +79,8 @@ def make_worker(settings: WorkerSettings, device: str, source, name: str | None 
                                 fetcher)
 
     return InferenceWorker(queues, name=name, connection=redis, settings=settings, runtime_factory=factory,
-                           default_result_ttl=60, worker_ttl=60, job_monitoring_interval=5)
+                           default_result_ttl=60, worker_ttl=60, job_monitoring_interval=5,
+                           log_job_description=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.max_batch = args.max_batch
     source = ModelSource(checkpoint=args.checkpoint, random=args.random)
     worker = make_worker(settings, device, source, name=args.name)
-    worker.work(burst=args.burst, logging_level=os.environ.get("LOG_LEVEL", "INFO"))
+    # RQ logs three lines per job at INFO: on a click path that is noise, so RQ_LOG_LEVEL defaults to WARNING
+    worker.work(burst=args.burst, logging_level=os.environ.get("RQ_LOG_LEVEL", "WARNING"))
     return 0
 
 

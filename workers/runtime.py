@@ -75,6 +75,8 @@ class InferenceRuntime:
         self.jobs_done = 0
         self.cache_hits = 0
         self.busy = 0  # jobs in the batch being computed (health, tests)
+        self.clicks = 0  # click jobs (not prewarm) and how many found their embedding cached
+        self.click_hits = 0
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -181,7 +183,8 @@ class InferenceRuntime:
             try:
                 info = {"queue": queue_name, "version": self.served.version if self.served else None,
                         "loading": self._loading, "jobs": self.jobs_done, "cache_hits": self.cache_hits,
-                        "busy": self.busy, "rejected": sorted(self.rejected)}
+                        "busy": self.busy, "rejected": sorted(self.rejected), "clicks": self.clicks,
+                        "click_hits": self.click_hits}
                 with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.settings.keys.alive(self.worker_name), json.dumps(info), px=ttl)
                     pipe.zadd(self.settings.keys.heartbeats, {self.worker_name: int(time.time() * 1000)})
@@ -262,6 +265,9 @@ class InferenceRuntime:
             hit = bool(cached.get(data.get("image_key")))
             self.jobs_done += 1
             self.cache_hits += int(hit)
+            if payload.get("kind") == "click":
+                self.clicks += 1
+                self.click_hits += int(hit)
             if "error" not in result:
                 result["cached"] = hit  # cached before this batch (run_job sees the batch's own embedding)
             result["worker"] = {"name": self.worker_name, "batch": len(jobs), "model_version": served.version}
