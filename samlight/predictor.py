@@ -20,6 +20,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
+from samlight.fast_decoder import GraphedPromptDecoder
 from samlight.fast_encoder import GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 
@@ -52,7 +53,7 @@ class Predictor:
         device: str | torch.device | None = None,
         cache: EmbeddingCache | None = None,
         autocast: bool | None = None,
-        fast_encoder: bool | None = None,
+        fast: bool | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -62,8 +63,10 @@ class Predictor:
         # bf16 autocast for the decoder on CUDA, float32 on CPU
         self.autocast = on_cuda if autocast is None else autocast
         # bf16 weights + CUDA graphs for the encoder on CUDA
-        self.encoder = GraphedEncoder(model.image_encoder) if (on_cuda if fast_encoder is None else fast_encoder) \
-            else model.image_encoder
+        # CUDA graphs with bf16 weights for the encoder, CUDA graphs for the decoder
+        fast = on_cuda if fast is None else fast
+        self.encoder = GraphedEncoder(model.image_encoder) if fast else model.image_encoder
+        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast else None
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
@@ -138,32 +141,41 @@ class Predictor:
         Coordinates are pixels (x, y) of the original image; labels 1 = foreground, 0 = background.
         """
         points, labels, boxes, batched = validate_prompts(point_coords, point_labels, box, embedding.original_size)
-        size = embedding.original_size
-        to_tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
-        point_arg = None
-        if points is not None:
-            point_arg = (to_tensor(self.transform.apply_coords(points, size)), to_tensor(labels, torch.int))
-        box_arg = to_tensor(self.transform.apply_boxes(boxes, size)) if boxes is not None else None
-        mask_arg = to_tensor(mask_input) if mask_input is not None else None
-        if mask_arg is not None and mask_arg.dim() == 3:
-            mask_arg = mask_arg[:, None]
-        with self._precision():
-            sparse, dense = self.model.prompt_encoder(points=point_arg, boxes=box_arg, masks=mask_arg)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
-        low_res = low_res.float()
-        masks = self.model.postprocess_masks(low_res, embedding.input_size, size)
+        masks, scores, low_res = self._decode(embedding, points, labels, boxes, mask_input, multimask_output)
         if not return_logits:
             masks = masks > self.model.mask_threshold
-        result = Prediction(masks.cpu().numpy(), iou.float().cpu().numpy(), low_res.cpu().numpy())
+        result = Prediction(masks.cpu().numpy(), scores.cpu().numpy(), low_res.cpu().numpy())
         if not batched:
             result = Prediction(result.masks[0], result.scores[0], result.low_res_logits[0])
         return result
+
+    def _decode(self, embedding, points, labels, boxes, mask_input, multimask_output):
+        """Mask logits at the original size, scores and low-res logits, all still on the device."""
+        size = embedding.original_size
+        to_tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
+        coords = to_tensor(self.transform.apply_coords(points, size)) if points is not None else None
+        labels = to_tensor(labels, torch.int) if points is not None else None
+        boxes = to_tensor(self.transform.apply_boxes(boxes, size)) if boxes is not None else None
+        if self.graphed_decoder is not None and mask_input is None:
+            low_res, iou = self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output)
+        else:
+            mask_arg = to_tensor(mask_input) if mask_input is not None else None
+            if mask_arg is not None and mask_arg.dim() == 3:
+                mask_arg = mask_arg[:, None]
+            with self._precision():
+                sparse, dense = self.model.prompt_encoder(
+                    points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg
+                )
+                low_res, iou = self.model.mask_decoder(
+                    image_embeddings=embedding.features,
+                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask_output,
+                )
+            low_res, iou = low_res.float(), iou.float()
+        masks = self.model.postprocess_masks(low_res, embedding.input_size, size)
+        return masks, iou, low_res
 
     # --- SamPredictor-style convenience ---------------------------------------------------------
 
