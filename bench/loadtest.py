@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                  "original_height": t["height"], "is_positive": True,
                  "value": {"x": 50, "y": 50, "keypointlabels": ["Object"]}}]}}}
             session.post(f"{backend}/predict", json=body, timeout=120)
+        time.sleep(1.0)
         before = fleet_counters(redis_url)
         results: list[Click] = []
         started = time.monotonic()
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
+        time.sleep(1.0)  # workers publish their counters with each heartbeat (every alive_ttl/3)
         after = fleet_counters(redis_url)
         health = session.get(f"{backend}/health", timeout=5).json()
     finally:

@@ -16,6 +16,7 @@ from backend.images import ImageFetcher
 from backend.jobs import SegmentJob
 from backend.rle import rle_to_mask
 from conftest import RedisServer, free_port
+from e2e.servers import ImageHost, make_jwt
 from workers.client import RQSegmenter
 from workers.registry import ModelRegistry, RegistryError
 
@@ -30,20 +31,25 @@ def fleet(tmp_path_factory, coco_tiny):
     redis = RedisServer(free_port(), tmp)
     redis.start()
     images = ImageServer(coco_tiny / "val2017", slow_s=8.0)
+    # a stand-in for Label Studio's file serving, with a personal access token (JWT refresh exchange)
+    label_studio = ImageHost(coco_tiny / "val2017", personal_token=make_jwt({"token_type": "refresh"})).__enter__()
     model_dir = tmp / "models"
-    processes = {name: start_inference_worker(redis.url, model_dir, name, tmp, SAMLIGHT_MAX_BATCH=4)
+    processes = {name: start_inference_worker(redis.url, model_dir, name, tmp, SAMLIGHT_MAX_BATCH=4,
+                                              LABEL_STUDIO_URL=label_studio.url,
+                                              LABEL_STUDIO_API_KEY=label_studio.personal_token)
                  for name in WORKERS}
     fetcher = ImageFetcher()
     segmenter = RQSegmenter(redis.url, fetcher=fetcher, model_dir=model_dir, deadline_ms=20000)
     try:
         wait_for_workers(segmenter, WORKERS)
         yield {"redis": redis, "images": images, "segmenter": segmenter, "processes": processes,
-               "model_dir": model_dir, "fetcher": fetcher, "tmp": tmp,
+               "model_dir": model_dir, "fetcher": fetcher, "tmp": tmp, "label_studio": label_studio,
                "names": sorted(p.name for p in (coco_tiny / "val2017").glob("*.jpg"))}
     finally:
         for process in processes.values():
             stop(process)
         images.close()
+        label_studio.__exit__(None, None, None)
         redis.stop()
 
 
@@ -94,6 +100,47 @@ def test_routing_reuses_embeddings_across_workers(fleet):
         for r in results[2 * n: 2 * n + 2]:
             assert r["worker"]["name"] == owners[keys[n]]
     assert max(r["worker"]["batch"] for r in results) > 1  # queued clicks were drained into batches
+
+
+def test_backend_app_over_rq(fleet, monkeypatch):
+    """The Flask backend with REDIS_URL: clicks, webhooks, /versions, /setup and /health go through Redis."""
+    from backend.app import create_app
+    from backend.images import FetchSettings
+    from backend.labels import SMART_CONFIG
+    from backend.segmenter import SegmenterSettings
+    from backend.settings import BackendSettings
+
+    monkeypatch.setenv("MODEL_DIR", str(fleet["model_dir"]))
+    host = fleet["label_studio"]
+    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.personal_token),
+                               segmenter=SegmenterSettings(redis_url=fleet["redis"].url),
+                               model_dir=fleet["model_dir"], preload=False)
+    client = create_app(settings).test_client()
+    health = client.get("/health")
+    assert health.status_code == 200 and {w["name"] for w in health.get_json()["workers"]} == set(WORKERS)
+    name = fleet["names"][30]
+    task = {"id": 3, "data": {"image": f"/data/upload/{name}"}}
+    point = {"id": "p", "from_name": "point", "to_name": "image", "type": "keypointlabels", "original_width": 640,
+             "original_height": 480, "is_positive": True, "value": {"x": 40, "y": 50, "keypointlabels": ["Object"]}}
+    body = {"tasks": [task], "label_config": SMART_CONFIG, "params": {"context": None}}
+    assert client.post("/predict", json=body).status_code == 200  # opening the task prewarms on the fleet
+    body["params"]["context"] = {"result": [point]}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    [region] = response.get_json()["results"][0]["result"]
+    height, width = region["original_height"], region["original_width"]
+    assert rle_to_mask(region["value"]["rle"], height, width).shape == (height, width)
+    # the workers fetched the image from "Label Studio" with an exchanged access token
+    fetches = [h for method, path, h in host.requests if path == f"/data/upload/{name}"]
+    assert fetches and all(h.get("Authorization", "").startswith("Bearer ") for h in fetches)
+    assert any(path == "/api/token/refresh/" for _, path, _ in host.requests)
+    event = {"action": "ANNOTATION_CREATED", "task": task, "project": {"id": 1},
+             "annotation": {"id": 55, "updated_at": "2026-11-24T10:00:00Z", "result": [region]}}
+    assert client.post("/webhook", json=event).status_code == 200
+    assert fleet["segmenter"].redis.hexists("samlight:corrections", "55")
+    versions = client.get("/versions").get_json()
+    assert versions["versions"][0] == versions["model_version"] == client.post("/setup", json={
+        "project": "1.1", "schema": SMART_CONFIG}).get_json()["model_version"]
 
 
 def test_no_worker_fails_fast(redis_server):
