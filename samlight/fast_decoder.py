@@ -11,9 +11,35 @@ import threading
 from collections import OrderedDict
 
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 
 Signature = tuple[int, int, bool, bool]  # prompts, points per prompt (0 = none), box?, multimask?
+
+
+def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """``PromptEncoder.forward`` for points and boxes, without its boolean-mask indexing.
+
+    ``point_embedding[labels == -1] = ...`` needs the number of matches on the host (a sync), which a
+    CUDA graph cannot capture; ``torch.where`` computes the same values on the device.
+    """
+    parts = []
+    if coords is not None:
+        points, point_labels = coords + 0.5, labels
+        if boxes is None:  # SAM pads with a "not a point" when there is no box
+            points = torch.cat([points, torch.zeros_like(points[:, :1])], dim=1)
+            point_labels = torch.cat([point_labels, -torch.ones_like(point_labels[:, :1])], dim=1)
+        embedding = prompt_encoder.pe_layer.forward_with_coords(points, prompt_encoder.input_image_size)
+        label = point_labels[..., None]
+        embedding = torch.where(label == -1, prompt_encoder.not_a_point_embed.weight, embedding)
+        embedding = embedding + torch.where(label == 0, prompt_encoder.point_embeddings[0].weight, 0.0)
+        embedding = embedding + torch.where(label == 1, prompt_encoder.point_embeddings[1].weight, 0.0)
+        parts.append(embedding)
+    if boxes is not None:
+        parts.append(prompt_encoder._embed_boxes(boxes))
+    sparse = torch.cat(parts, dim=1)
+    height, width = prompt_encoder.image_embedding_size
+    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(sparse.shape[0], -1, height, width)
+    return sparse, dense
 
 
 class GraphedPromptDecoder:
@@ -24,13 +50,12 @@ class GraphedPromptDecoder:
         self._graphs: OrderedDict[Signature, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _decode(self, features, coords, labels, boxes, multimask):
-        points = (coords, labels) if coords is not None else None
+    def _decode(self, features, dense_pe, coords, labels, boxes, multimask):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+            sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, boxes)
             low_res, iou = self.model.mask_decoder(
                 image_embeddings=features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                image_pe=dense_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
@@ -46,7 +71,9 @@ class GraphedPromptDecoder:
             "labels": torch.ones(prompts, points, device=device, dtype=torch.int) if points else None,
             "boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device).repeat(prompts, 1) if has_box else None,
         }
-        args = (static["features"], static["coords"], static["labels"], static["boxes"], multimask)
+        # depends on the weights alone: computed once, outside the graph
+        dense_pe = self.model.prompt_encoder.get_dense_pe()
+        args = (static["features"], dense_pe, static["coords"], static["labels"], static["boxes"], multimask)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
