@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -151,7 +152,11 @@ def _quiet_coco(cls, path: Path):
 
 def _coco_loader(coco, anns: list[dict]):
     def load() -> tuple[list[np.ndarray], list[float]]:
-        return [coco.annToMask(a).astype(bool) for a in anns], [float(a["area"]) for a in anns]
+        with warnings.catch_warnings():
+            # pycocotools 2.0.x trips a NumPy 2 DeprecationWarning on every mask it decodes
+            warnings.simplefilter("ignore", DeprecationWarning)
+            masks = [coco.annToMask(a).astype(bool) for a in anns]
+        return masks, [float(a["area"]) for a in anns]
 
     return load
 
