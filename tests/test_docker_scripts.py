@@ -213,3 +213,52 @@ def test_add_gpu_host(tmp_path):
         "docker/docker-compose.remote-gpus.yml", "up", "-d", "--build", "--remove-orphans"]
     env_lines = (repo / ".env").read_text().splitlines()
     assert "COMPOSE_FILE=docker/docker-compose.workers.yml:docker/docker-compose.remote-gpus.yml" in env_lines
+
+
+# ---- model_admin.py ---------------------------------------------------------------------------------------
+
+def test_model_admin_import_activate_and_roll_back(redis_server, tmp_path, test_student, monkeypatch, capsys):
+    """In process (the registry imports torch: one import instead of one per command)."""
+    import json
+
+    from samlight.checkpoints import save_student
+    from samlight.modeling import student_config
+
+    monkeypatch.syspath_prepend(str(DOCKER))
+    import model_admin
+
+    config = student_config("lightening_test")
+    first, second = tmp_path / "incoming" / "first", tmp_path / "incoming" / "second"
+    save_student(test_student, config, first, metadata={})
+    save_student(test_student, config, second, metadata={"note": "second"})
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.delenv("SAMLIGHT_REDIS_PREFIX", raising=False)
+
+    def admin(*args: str) -> tuple[int, str, str]:
+        code = model_admin.main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = admin("import", str(first), "--activate")
+    assert code == 0, err
+    v1 = out.split(" as ")[1].split()[0]
+    v2 = admin("import", str(second), "--activate")[1].split(" as ")[1].split()[0]
+    assert v1 != v2
+    listing = json.loads(admin("list")[1])
+    assert listing["active"] == v2 and {v["version"] for v in listing["versions"]} == {v1, v2}
+    assert next(v for v in listing["versions"] if v["version"] == v2)["parent"] == v1
+
+    code, out, _ = admin("activate", v1)
+    assert code == 0 and f"active: {v1} (was {v2})" in out
+    active = redis.Redis.from_url(redis_server.url)
+    assert active.get("samlight:model:active").decode() == v1
+
+    # a tampered version is refused, an unknown one too, and the active one stays
+    weights = tmp_path / "models" / "versions" / v2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    code, _, err = admin("activate", v2)
+    assert code == 2 and "sha256" in err
+    assert admin("activate", "no-such-version")[0] == 2
+    assert admin("import", str(tmp_path / "nothing-here"))[0] == 2
+    assert active.get("samlight:model:active").decode() == v1
