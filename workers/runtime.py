@@ -98,7 +98,9 @@ class InferenceRuntime:
         from samlight.models import load_model
 
         model, version = load_model(self.source.checkpoint, self.source.random, self.source.seed)
-        self.served = Served(self._predictor(model), version)
+        predictor = self._predictor(model)
+        self._warm_up(predictor)
+        self.served = Served(predictor, version)
         return self.served
 
     def _load_version(self, version: str) -> Served:
@@ -107,17 +109,24 @@ class InferenceRuntime:
         self._warm_up(predictor)
         return Served(predictor, version)
 
-    @staticmethod
-    def _warm_up(predictor) -> None:
-        """One tiny forward pass so the first real click after a swap pays no lazy-init cost."""
+    def _warm_up(self, predictor) -> None:
+        """Forward passes at the batch sizes micro-batching produces, so that no click pays for lazy
+        initialisation or kernel compilation (on CUDA: 1, 2, 4, ... up to max_batch; on CPU: 1)."""
         import numpy as np
 
         size = predictor.model.image_encoder.img_size
+        sizes = [1]
+        if predictor.device.type == "cuda":
+            while sizes[-1] * 2 <= self.settings.max_batch:
+                sizes.append(sizes[-1] * 2)
+            if sizes[-1] != self.settings.max_batch:
+                sizes.append(self.settings.max_batch)
         image = np.zeros((size, size, 3), dtype=np.uint8)
-        embedding = predictor.embed(image, key="__warmup__")
-        predictor.predict_embedding(embedding, point_coords=np.array([[size / 2, size / 2]]),
-                                    point_labels=np.array([1]), multimask_output=False)
-        predictor.cache.clear() if hasattr(predictor.cache, "clear") else None
+        for n in sizes:
+            embeddings = predictor.embed_many([image] * n, [f"__warmup__{i}" for i in range(n)])
+        predictor.predict_embedding(embeddings[0], point_coords=np.array([[size / 2, size / 2]]),
+                                    point_labels=np.array([1]), multimask_output=True)
+        predictor.cache.clear()
 
     def check_version(self, wanted: str | None = None) -> None:
         """Start loading the active version in the background if it is not the one served."""

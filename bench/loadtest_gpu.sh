@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU load test of the RQ serving path (one H100, < 5 minutes): redis-server + RQ inference workers on the GPU
+# + the backend under gunicorn + simulated annotators, through bench/loadtest.py. Writes three JSON reports.
+#
+#   bench/loadtest_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]
+#
+# REDIS_SERVER: path of a redis-server binary; its folder may hold the shared libraries it needs (liblzf,
+# libjemalloc), which are put on LD_LIBRARY_PATH. IMAGES_DIR: task images (default .loadtest-images, a copy
+# of ../shared/data/coco_tiny/val2017, which does not travel). OUT_DIR: default $OUT, else bench/results.
+# Python packages missing on the GPU image (rq, redis, flask, gunicorn, label-studio-sdk and its needs,
+# segment_anything) are installed from the wheel folders .whl and .whl-rq when they exist.
+set -euo pipefail
+REDIS_SERVER=$(realpath "${1:?usage: bench/loadtest_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]}")
+IMAGES=${2:-.loadtest-images}
+RESULTS=${3:-${OUT:-bench/results}}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$RESULTS"
+export LD_LIBRARY_PATH="$(dirname "$REDIS_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+wheels=$(ls .whl/*.whl .whl-rq/*.whl 2>/dev/null || true)
+if [ -n "$wheels" ]; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/samlight-site $wheels
+  export PYTHONPATH=/tmp/samlight-site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LOG_LEVEL=WARNING
+"$REDIS_SERVER" --version
+$PYTHON -c "import torch, rq, flask, label_studio_sdk, segment_anything; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+stamp=$(date -u +%Y%m%d-%H%M)
+common=(--spawn --python "$PYTHON" --redis-server "$REDIS_SERVER" --images "$IMAGES" --random lightening_t
+        --max-images 80 --deadline-ms 5000 --duration 75)
+# 1. two workers on GPU 0, no prewarm: a task's first click is uncached, the follow-ups cached
+$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus 0,0 --annotators 8 --tasks-per-annotator 10 --clicks 8 \
+  --no-prewarm --out "$RESULTS/loadtest-gpu-2workers-noprewarm-$stamp.json" || true
+# 2. the same with Label Studio's prewarm when a task opens (batch /predict, context null), 200 ms to look
+$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus 0,0 --annotators 8 --tasks-per-annotator 10 --clicks 8 \
+  --open-ms 200 --out "$RESULTS/loadtest-gpu-2workers-prewarm-$stamp.json" || true
+# 3. one worker, one annotator clicking back to back: the unloaded latency of the stack
+$PYTHON bench/loadtest.py "${common[@]}" --workers 1 --gpus 0 --annotators 1 --tasks-per-annotator 20 --clicks 8 \
+  --no-prewarm --out "$RESULTS/loadtest-gpu-1worker-1annotator-$stamp.json" || true
+ls -l "$RESULTS"/loadtest-gpu-*-"$stamp".json
