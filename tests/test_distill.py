@@ -111,8 +111,9 @@ def test_feature_cache_spares_the_teacher_and_changes_nothing(tmp_path, train_sa
     common = dict(encoder_steps=4, decoder_steps=2, batch_size=2, progress=False, instances_per_image=2)
     cold = fine_tune("lightening_test", TEACHER, samples,
                      FineTuneConfig(out_dir=str(tmp_path / "cold"), cache_dir=str(tmp_path / "cache"), **common))
-    warm = fine_tune("lightening_test", TEACHER, samples,
-                     FineTuneConfig(out_dir=str(tmp_path / "warm"), cache_dir=str(tmp_path / "cache"), **common))
+    warm = fine_tune("lightening_test", TEACHER, samples,  # reads through the threaded loader
+                     FineTuneConfig(out_dir=str(tmp_path / "warm"), cache_dir=str(tmp_path / "cache"), num_workers=2,
+                                    **common))
     uncached = fine_tune("lightening_test", TEACHER, samples, FineTuneConfig(out_dir=str(tmp_path / "none"), **common))
     cold_meta, warm_meta = load_student(cold).metadata, load_student(warm).metadata
     assert cold_meta["metrics"]["encoder"]["teacher_images"] > 0 and cold_meta["feature_cache"]["misses"] > 0

@@ -27,7 +27,7 @@ HELP = {
     "teacher_loss_weight": "decoder stage: weight of the loss against the teacher's mask logits",
     "gt_loss_weight": "decoder stage: weight of focal + dice against ground-truth masks",
     "checkpoint_every": "steps between atomic training-state checkpoints",
-    "num_workers": "data loader processes",
+    "num_workers": "data loader threads (0: load in the training loop)",
     "max_images": "use only the first N images",
     "autocast": "bf16 autocast (default: on for CUDA)",
 }

@@ -40,7 +40,7 @@ class FineTuneConfig:
     unfreeze_blocks: int = 0  # encoder blocks trained in the decoder stage, from the last one back (-1: all)
     # practicalities
     checkpoint_every: int = 50  # steps between atomic training-state checkpoints
-    num_workers: int = 0  # data loader processes
+    num_workers: int = 0  # data loader threads (image decoding, cache reads); 0: in the training loop
     progress: bool = True
     max_images: int | None = None
 

@@ -29,6 +29,7 @@ from samlight.distill import distributed
 from samlight.distill.config import FineTuneConfig
 from samlight.distill.data import TrainingSample, masks_to_low_res, normalize, prepare_image
 from samlight.distill.feature_cache import TeacherFeatureCache
+from samlight.distill.loader import ThreadLoader
 from samlight.distill.losses import dice_loss, mask_iou, relative_mse, sigmoid_focal_loss
 from samlight.distill.metrics import MetricsLog, plot_metrics
 from samlight.distill.prompts import sample_prompts
@@ -148,7 +149,7 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
 # --- data ----------------------------------------------------------------------------------------
 
 
-class StageData(torch.utils.data.Dataset):
+class StageData:
     """Item ``position`` of a stage's endless stream: the prepared image, its cached teacher features
     (read here so data-loader workers do the disk reads) and, for the decoder stage, sampled prompts."""
 
@@ -162,9 +163,6 @@ class StageData(torch.utils.data.Dataset):
         self.cache = cache
         self.perms: dict = {}
         self.keys: dict[int, str] = {}
-
-    def __len__(self) -> int:  # positions are unbounded; the sampler chooses them
-        return 1 << 62
 
     def __getitem__(self, position: int) -> dict:
         index = sample_index(position, len(self.samples), self.config.seed, self.stage, self.perms)
@@ -210,15 +208,8 @@ class StageData(torch.utils.data.Dataset):
         return out
 
 
-def _collate(items: list[dict]) -> list[dict]:
-    return items
-
-
 def stage_loader(data: StageData, positions: list[int], batch_size: int, num_workers: int):
-    return torch.utils.data.DataLoader(
-        data, batch_size=batch_size, sampler=positions, collate_fn=_collate, num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
-    )
+    return iter(ThreadLoader(data.__getitem__, positions, batch_size, num_workers))
 
 
 def rank_positions(start_step: int, total_steps: int, config: FineTuneConfig, env) -> list[int]:
@@ -405,7 +396,7 @@ class Run:
         img_size = ctx["student_cfg"].encoder.img_size
         blocks = ctx["blocks"]
         data = StageData(self.samples, "encoder", cfg, img_size, blocks, ctx["cache"])
-        loader = iter(stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
+        loader = (stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
         features = ctx["features"]
         bar = self._progress("encoder", start, total)
         for step in range(start, total):
@@ -491,7 +482,7 @@ class Run:
             optimizer.load_state_dict(optimizer_state)
         img_size = ctx["student_cfg"].encoder.img_size
         data = StageData(self.samples, "decoder", cfg, img_size, [], ctx["cache"])
-        loader = iter(stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
+        loader = (stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
         features: TeacherFeatures = ctx["features"]
         teacher = self.teacher
         embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image is embedded once
