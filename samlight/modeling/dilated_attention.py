@@ -56,34 +56,35 @@ def _head_offsets(heads: int, dilation: int, device: torch.device) -> tuple[Tens
     return head_index, head_index % dilation
 
 
-def _gather(x: Tensor, branch: DilatedBranch) -> Tensor:
-    """(B, H, N, D) -> (H*B*S, 1, L, D): the sparse segments of each head."""
-    b, h, n, d = x.shape
-    segments = n // branch.segment
-    heads, offsets = _head_offsets(h, branch.dilation, x.device)
-    view = x.view(b, h, segments, branch.sparse_length, branch.dilation, d)
-    # advanced indices on dims 1 and 4 move to the front: (H, B, S, L, D)
-    return view[:, heads, :, :, offsets].reshape(h * b * segments, 1, branch.sparse_length, d)
-
-
 def _positions_view(x: Tensor, branch: DilatedBranch) -> Tensor:
     b, h, n = x.shape[:3]
     return x.view(b, h, n // branch.segment, branch.sparse_length, branch.dilation, *x.shape[3:])
 
 
 def _select(x: Tensor, branch: DilatedBranch) -> Tensor:
-    """Values of x (B, H, N, ...) at the branch's positions, laid out like :func:`_gather`."""
+    """Values of x (B, H, N, ...) at the branch's positions as (B*H*S, 1, L, ...) sparse segments.
+
+    With dilation 1 this is a view (no copy); otherwise head h keeps offset h mod r of each run of r.
+    """
     b, h, n = x.shape[:3]
+    shape = (b * h * (n // branch.segment), 1, branch.sparse_length, *x.shape[3:])
+    if branch.dilation == 1:
+        return x.reshape(shape)
     heads, offsets = _head_offsets(h, branch.dilation, x.device)
+    # advanced indices on dims 1 and 4 move to the front: (H, B, S, L, ...)
     picked = _positions_view(x, branch)[:, heads, :, :, offsets]
-    return picked.reshape(h * b * (n // branch.segment), 1, branch.sparse_length, *x.shape[3:])
+    return picked.transpose(0, 1).reshape(shape)
 
 
 def _assign(x: Tensor, branch: DilatedBranch, values: Tensor, accumulate: bool = False) -> None:
     """Inverse of :func:`_select`: write (or add) ``values`` at the branch's positions of x."""
     b, h, n = x.shape[:3]
+    if branch.dilation == 1:
+        target = x.view(values.shape)
+        target.add_(values) if accumulate else target.copy_(values)
+        return
     heads, offsets = _head_offsets(h, branch.dilation, x.device)
-    shaped = values.reshape(h, b, n // branch.segment, branch.sparse_length, *x.shape[3:])
+    shaped = values.reshape(b, h, n // branch.segment, branch.sparse_length, *x.shape[3:]).transpose(0, 1)
     view = _positions_view(x, branch)
     if accumulate:
         view[:, heads, :, :, offsets] += shaped
@@ -91,8 +92,17 @@ def _assign(x: Tensor, branch: DilatedBranch, values: Tensor, accumulate: bool =
         view[:, heads, :, :, offsets] = shaped
 
 
-def _groups(branches: tuple[DilatedBranch, ...]) -> list[list[DilatedBranch]]:
-    """Branches grouped by sparse length: each group is one batched kernel call."""
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _groups(branches: tuple[DilatedBranch, ...], device: torch.device) -> list[list[DilatedBranch]]:
+    """Branches batched into kernel calls: on CUDA, equal sparse lengths share one launch.
+
+    On CPU one call per branch: batching buys nothing there and concatenating costs a copy.
+    """
+    if device.type != "cuda":
+        return [[branch] for branch in branches]
     by_length: dict[int, list[DilatedBranch]] = {}
     for branch in branches:
         by_length.setdefault(branch.sparse_length, []).append(branch)
@@ -101,7 +111,7 @@ def _groups(branches: tuple[DilatedBranch, ...]) -> list[list[DilatedBranch]]:
 
 def _run_group(kernel: AttentionKernel, group, q, k, v, scale):
     sizes = [q.shape[0] * q.shape[1] * (q.shape[2] // br.segment) for br in group]
-    qs, ks, vs = (torch.cat([_gather(t, br) for br in group]) for t in (q, k, v))
+    qs, ks, vs = (_cat([_select(t, br) for br in group]) for t in (q, k, v))
     out, lse, aux = kernel.forward(qs, ks, vs, scale)
     return [(branch, o, l) for branch, o, l in zip(group, out.split(sizes), lse.split(sizes))], aux
 
@@ -113,10 +123,17 @@ def _forward(q, k, v, branches, kernel, scale, out=None):
     acc = torch.empty(b, h, n, d, dtype=dtype, device=q.device) if out is None else out
     lse_total = torch.full((b, h, n), float("-inf"), dtype=dtype, device=q.device)
     branch_lse, aux = [], []
-    for group in _groups(branches):
+    written = False
+    for group in _groups(branches, q.device):
         results, group_aux = _run_group(kernel, group, q, k, v, scale)
         aux.append(group_aux)
         for branch, o_b, lse_b in results:
+            if not written:  # the first branch is written as it is: nothing to mix with yet
+                _assign(acc, branch, o_b.to(dtype))
+                _assign(lse_total, branch, lse_b)
+                branch_lse.append(lse_b.squeeze(1))
+                written = True
+                continue
             lse_b = lse_b.squeeze(1)
             old = _select(lse_total, branch).squeeze(1)
             new = torch.logaddexp(old, lse_b)
@@ -144,13 +161,13 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse_total, *branch_lse = ctx.saved_tensors
         lse_of = dict(zip(ctx.branches, branch_lse))
         dq, dk, dv = (torch.zeros_like(t, dtype=lse_total.dtype) for t in (q, k, v))
-        for group, aux in zip(_groups(ctx.branches), ctx.aux):
+        for group, aux in zip(_groups(ctx.branches, q.device), ctx.aux):
             sizes = [q.shape[0] * q.shape[1] * (q.shape[2] // br.segment) for br in group]
-            lse_b = torch.cat([lse_of[br].unsqueeze(1) for br in group])
-            weight = torch.exp(lse_b - torch.cat([_select(lse_total, br) for br in group]))
-            grad_out = (torch.cat([_select(dout, br) for br in group]) * weight.unsqueeze(-1)).to(q.dtype)
-            mixed_out = torch.cat([_select(out, br) for br in group])
-            gathered = [torch.cat([_gather(t, br) for br in group]) for t in (q, k, v)]
+            lse_b = _cat([lse_of[br].unsqueeze(1) for br in group])
+            weight = torch.exp(lse_b - _cat([_select(lse_total, br) for br in group]))
+            grad_out = (_cat([_select(dout, br) for br in group]) * weight.unsqueeze(-1)).to(q.dtype)
+            mixed_out = _cat([_select(out, br) for br in group])
+            gathered = [_cat([_select(t, br) for br in group]) for t in (q, k, v)]
             grads = ctx.kernel.backward(grad_out, *gathered, mixed_out, lse_b.contiguous(), ctx.scale, aux)
             for target, grad in zip((dq, dk, dv), grads):
                 for branch, part in zip(group, grad.split(sizes)):
