@@ -239,7 +239,8 @@ def device_description(device: torch.device) -> str:
 
 
 def entries_for(args: argparse.Namespace, device: torch.device) -> list[Entry]:
-    precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" or cpu_bf16 else ["fp32"])
     modes = args.mode or ["eager"]
     entries = [
         Entry(name, "samlight", p, lambda n=name: random_model(n).image_encoder, mode)
@@ -255,7 +256,8 @@ def entries_for(args: argparse.Namespace, device: torch.device) -> list[Entry]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     parser.add_argument("--models", nargs="+", help=f"samlight configs (default: {' '.join(SAMLIGHT_MODELS)})")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], help="default: fp32 bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                        help="default: fp32 and bf16 (on CPU bf16 only where oneDNN supports it)")
     parser.add_argument("--mode", nargs="+", choices=["eager", "compile", "graph"], help="samlight execution modes")
     parser.add_argument("--repeats", type=int, help="timed repetitions (default: 100 on CUDA, 5 on CPU)")
     parser.add_argument("--batch", type=int, help="throughput batch (default 32 on CUDA, 0 = skip on CPU)")

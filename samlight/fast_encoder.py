@@ -40,7 +40,7 @@ class GraphedEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
-            return self.encoder(x.to(self.dtype))
+            return self.encoder(x.to(self.dtype)).float()
         batch = x.shape[0]
         with self._lock:
             if batch not in self._graphs:

@@ -54,19 +54,24 @@ class Predictor:
         cache: EmbeddingCache | None = None,
         autocast: bool | None = None,
         fast: bool | None = None,
+        encoder_dtype: torch.dtype | None = None,
     ) -> None:
+        """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
+        and decoder (default on CUDA). ``encoder_dtype``: the encoder's weights (default bf16 on CUDA,
+        float32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.cache = cache if cache is not None else EmbeddingCache()
         on_cuda = self.device.type == "cuda"
-        # bf16 autocast for the decoder on CUDA, float32 on CPU
         self.autocast = on_cuda if autocast is None else autocast
-        # bf16 weights + CUDA graphs for the encoder on CUDA
-        # CUDA graphs with bf16 weights for the encoder, CUDA graphs for the decoder
         fast = on_cuda if fast is None else fast
-        self.encoder = GraphedEncoder(model.image_encoder) if fast else model.image_encoder
-        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast else None
+        encoder_dtype = encoder_dtype or (torch.bfloat16 if fast else torch.float32)
+        if fast or encoder_dtype != torch.float32:
+            self.encoder = GraphedEncoder(model.image_encoder, dtype=encoder_dtype)
+        else:
+            self.encoder = model.image_encoder
+        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
