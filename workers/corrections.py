@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,8 @@ class RedisCorrectionSink:
         self.store = CorrectionStore(self.redis, self.settings.keys)
         directory = Path(log_dir) if log_dir is not None else Path(self.settings.model_dir) / "corrections"
         self.local = LocalLog(directory / "redis-pending.jsonl")
+        self._replayer: threading.Thread | None = None
+        self._replayer_lock = threading.Lock()
 
     def record(self, event: dict) -> dict:
         """Store one webhook event; never raises for Redis outages (the event is logged locally)."""
@@ -227,7 +230,25 @@ class RedisCorrectionSink:
         except (redis.ConnectionError, redis.TimeoutError) as error:
             log.warning("Redis unreachable (%s): %s kept in the local log", error, action)
             self.local.append(event)
+            self._start_replayer()
             return {"action": action, "durable": "local-log"}
+
+    def _start_replayer(self, interval_s: float = 2.0) -> None:
+        """Replay the local log in the background once Redis is back, even if no new event arrives."""
+        with self._replayer_lock:
+            if self._replayer is not None and self._replayer.is_alive():
+                return
+
+            def loop():
+                while self.local.pending():
+                    time.sleep(interval_s)
+                    try:
+                        self.replay()
+                    except Exception as error:  # still down: try again later
+                        log.debug("replay postponed: %s", error)
+
+            self._replayer = threading.Thread(target=loop, name="corrections-replay", daemon=True)
+            self._replayer.start()
 
     # the backend's CorrectionSink protocol
     __call__ = record
