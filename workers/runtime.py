@@ -196,7 +196,9 @@ class InferenceRuntime:
                         "click_hits": self.click_hits}
                 with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.settings.keys.alive(self.worker_name), json.dumps(info), px=ttl)
-                    pipe.zadd(self.settings.keys.heartbeats, {self.worker_name: int(time.time() * 1000)})
+                    now_ms = int(time.time() * 1000)
+                    pipe.zadd(self.settings.keys.heartbeats, {self.worker_name: now_ms})
+                    pipe.zremrangebyscore(self.settings.keys.heartbeats, 0, now_ms - 3600_000)  # long-dead workers
                     pipe.execute()
             except Exception:
                 pass
