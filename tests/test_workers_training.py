@@ -91,7 +91,7 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
         [before] = segmenter.segment([job])
         assert before["model_version"] == "random-lightening_test-0"
 
-        for round_ in range(2):
+        for round_ in range(3):
             log = open(tmp_path / f"train{round_}.log", "wb")
             trainer = subprocess.run([sys.executable, "-m", "workers.training_worker", "--burst", "--redis-url",
                                       redis_server.url], cwd=REPO, env=training_env, stdout=log,
@@ -123,11 +123,14 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
                 for event in coco_corrections(coco_tiny, images, 8)[5:]:
                     sink.record(event)
                 sink.record({"action": "START_TRAINING"})
-            else:
+            elif round_ == 1:
                 assert summary["status"] in ("published", "rejected"), summary
                 assert "active_heldout" in summary["metrics"] and "why" in summary["metrics"]["gate"]
                 if summary["status"] == "published":
                     assert registry.get(summary["version"]).parent == first["version"]
+                sink.record({"action": "START_TRAINING"})  # nothing new: the job must not train again
+            else:
+                assert summary["status"] == "up-to-date", summary
         assert sink.store.new_since_training() == 0
     finally:
         stop(inference)

@@ -9,7 +9,8 @@ it passes the gate (mIoU better than, or within ``gate_margin`` of, the active v
 
 Idempotent and resumable: the run directory ``MODEL_DIR/training/run-<digest>`` is named by the parent
 version, the teacher, the training corrections and the config, so a retried job resumes the same run
-(``fine_tune`` resumes from its own checkpoints) and a job whose run already produced a version is a no-op.
+(``fine_tune`` resumes from its own checkpoints); a job whose run already produced (or was refused) a
+version, or with no correction changed since the active version was trained, is a no-op ("up-to-date").
 torch is imported only inside the job (the forking worker's parent never touches CUDA).
 """
 
@@ -178,9 +179,17 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     config_fields = {"encoder_steps": training.encoder_steps, "decoder_steps": training.decoder_steps,
                      "batch_size": training.batch_size}
     digest = run_digest(active, teacher_spec.identity, train_corr, config_fields)
+    data_digest = run_digest(None, "", corrections, {})  # what the corrections are, whatever the parent
+    if active and registry.get(active).metrics.get("corrections") == data_digest:
+        store.mark_trained(consumed)
+        return dict(summary, status="up-to-date", version=active, why="no corrections since the active version")
     for version in registry.versions():
         if version.metrics.get("run") == digest:
             return dict(summary, status="up-to-date", version=version.version, run=digest)
+    rejected_key = f"{worker_settings.keys.prefix}:training:rejected"
+    if redis.sismember(rejected_key, digest):
+        store.mark_trained(consumed)
+        return dict(summary, status="up-to-date", run=digest, why="this run was already rejected by the gate")
 
     fetcher = ImageFetcher.from_env()
     train_samples, held_samples = to_samples(train_corr, fetcher), to_samples(held_corr, fetcher)
@@ -200,7 +209,7 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     from samlight.checkpoints import load_student
 
     candidate = load_student(candidate_dir)
-    metrics = {"run": digest, "train_seconds": round(train_s, 2), "train_samples": len(train_samples),
+    metrics = {"run": digest, "corrections": data_digest, "train_seconds": round(train_s, 2), "train_samples": len(train_samples),
                "heldout_samples": len(held_samples), "reason": reason}
     decision = {"passed": True, "why": "first version" if not active else ""}
     if held_samples:
@@ -215,6 +224,8 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     metrics["gate"] = decision
     if not decision["passed"]:
         log.warning("candidate rejected by the gate: %s", decision["why"])
+        redis.sadd(rejected_key, digest)  # the same data and parent would give the same verdict: never rerun it
+        shutil.rmtree(work, ignore_errors=True)
         store.mark_trained(consumed)
         return dict(summary, status="rejected", metrics=metrics, run=digest)
     record = registry.import_checkpoint(candidate_dir, parent=active, metrics=metrics, source="dld")
