@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--teacher-loss-weight", type=float, default=0.1, help="decoder stage: a random teacher's logits are noise")
+    p.add_argument("--teacher-loss-weight", type=float, default=0.1,
+                   help="decoder stage: a random teacher's logits are noise")
     p.add_argument("--box-fraction", type=float, default=0.75)
     p.add_argument("--unfreeze-blocks", type=int, default=0)
     p.add_argument("--throughput-steps", type=int, default=20)
@@ -196,12 +197,14 @@ class Bench:
             timed = records[2:] if len(records) > 4 else records  # the first steps pay for warm-up
             out[name] = {
                 "images_per_s_median": statistics.median(r["images_per_s"] for r in timed),
-                "images_per_s_mean": sum(r["images"] for r in timed) / sum(r["images"] / r["images_per_s"] for r in timed),
+                "images_per_s_mean": (sum(r["images"] for r in timed)
+                                      / sum(r["images"] / r["images_per_s"] for r in timed)),
                 "steps": len(records), "teacher_images": records[-1]["teacher_images"],
                 "cache_hits": sum(r["cache_hits"] for r in records),
             }
         out["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*.safetensors"))
-        out["speedup_warm_vs_no_cache"] = out["cache_warm"]["images_per_s_median"] / out["no_cache"]["images_per_s_median"]
+        out["speedup_warm_vs_no_cache"] = (out["cache_warm"]["images_per_s_median"]
+                                           / out["no_cache"]["images_per_s_median"])
         self.results["phase3"] = out
         self.save()
 

@@ -36,7 +36,8 @@ def test_box_baseline_gives_0590_over_804_instances(val_samples):
 
 def test_oracle_baseline_is_perfect_through_the_cli(val_annotations, tmp_path, capsys):
     out = tmp_path / "oracle.json"
-    assert main(["eval", "--baseline", "oracle", "--coco", str(val_annotations), "--json", str(out), "--no-progress"]) == 0
+    argv = ["eval", "--baseline", "oracle", "--coco", str(val_annotations), "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["miou"] == 1.0 and result["instances"] == 804
     assert "mIoU" in capsys.readouterr().out

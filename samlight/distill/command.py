@@ -40,8 +40,10 @@ def _option_type(field: dataclasses.Field):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="vit_h:/path/sam_vit_h.pth, /path/sam.pth, or random:vit_b[:seed]")
-    parser.add_argument("--student", default="lightening_t", help="named student config, or a student checkpoint to fine-tune")
+    parser.add_argument("--teacher", required=True,
+                        help="vit_h:/path/sam_vit_h.pth, /path/sam.pth, or random:vit_b[:seed]")
+    parser.add_argument("--student", default="lightening_t",
+                        help="named student config, or a student checkpoint to fine-tune")
     parser.add_argument("--coco", action="append", default=[], help="COCO instances json[:image dir]; repeatable")
     parser.add_argument("--images", action="append", default=[], help="image folder (no ground truth); repeatable")
     parser.add_argument("--out", dest="out_dir", required=True, help=HELP["out_dir"])
@@ -55,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=HELP.get(field.name))
         else:
-            parser.add_argument(flag, type=kind, default=field.default, help=HELP.get(field.name, "") + f" (default {field.default})")
+            parser.add_argument(flag, type=kind, default=field.default,
+                                help=HELP.get(field.name, "") + f" (default {field.default})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from samlight.checkpoints import read_student_manifest
 
     manifest = read_student_manifest(path)
-    print(f"student checkpoint: {path} (sha256 {manifest['sha256'][:12]}, teacher {manifest['metadata'].get('teacher')})")
+    teacher = manifest["metadata"].get("teacher")
+    print(f"student checkpoint: {path} (sha256 {manifest['sha256'][:12]}, teacher {teacher})")
     final = manifest["metadata"].get("metrics", {})
     for stage, record in final.items():
         print(f"{stage} stage, last step: " + json.dumps({k: record[k] for k in sorted(record)

@@ -13,7 +13,8 @@ def relative_mse(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e
     return (prediction - target).pow(2).sum() / (target.pow(2).sum() + eps)
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
     """Per-mask focal loss (mean over pixels); logits and targets (..., H, W)."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")

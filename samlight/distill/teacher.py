@@ -32,7 +32,8 @@ def teacher_forward(teacher: Sam, x: torch.Tensor, blocks: list[int]) -> tuple[t
 
 
 class TeacherFeatures:
-    """Loads the teacher lazily: a run whose images are all cached never builds the teacher's encoder."""
+    """Teacher features per image: read from the cache, else one teacher encoder call for all misses
+    (a run whose images are all cached never runs the teacher's encoder)."""
 
     def __init__(self, spec: TeacherSpec, device: torch.device, cache: TeacherFeatureCache | None,
                  autocast: bool, teacher: Sam | None = None) -> None:

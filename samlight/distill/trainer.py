@@ -96,10 +96,6 @@ def _init_projections(projections: nn.ModuleList) -> None:
         nn.init.zeros_(proj.bias)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 class EncoderStage(nn.Module):
     """Student encoder plus the train-only projections from student blocks to their teacher blocks."""
 
@@ -120,7 +116,8 @@ class DecoderStage(nn.Module):
         super().__init__()
         self.sam = sam
 
-    def forward(self, images: torch.Tensor, prompts: list[dict], encode: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, prompts: list[dict],
+                encode: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         embeddings = self.sam.image_encoder(images) if encode else images
         return decode(self.sam, embeddings, prompts)
 
@@ -202,7 +199,8 @@ class StageData:
                           "target": target, "has_gt": has, "pixel_boxes": sampled.boxes}
         if len(sampled.points):
             target, has = gt(sampled.point_gt)
-            out["point"] = {"points": torch.as_tensor(transform.apply_coords(sampled.points, size), dtype=torch.float32),
+            points = transform.apply_coords(sampled.points, size)
+            out["point"] = {"points": torch.as_tensor(points, dtype=torch.float32),
                             "labels": torch.as_tensor(sampled.labels, dtype=torch.int64),
                             "target": target, "has_gt": has}
         return out
@@ -299,7 +297,8 @@ class Run:
             log.info("resuming %s stage at step %d from %s", stage, step, self.state_path)
         if env.is_main:
             (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-            self.metrics.truncate_from(stage if stage != "done" else "decoder", step)
+            if stage != "done":
+                self.metrics.truncate_from(stage, step)
         env.barrier()
         cache = None
         if cfg.cache_dir is not None:
@@ -310,14 +309,13 @@ class Run:
         features = TeacherFeatures(self.spec, self.device, cache, self.autocast, teacher=self.teacher)
         student.to(self.device)
         stage_module.to(self.device)
-        summary: dict = {}
         self._context = dict(student=student, student_cfg=student_cfg, origin=origin, stage_module=stage_module,
                              blocks=blocks, features=features, cache=cache)
         if stage == "encoder":
-            summary["encoder"] = self.encoder_stage(step, optimizer_state)
+            self.encoder_stage(step, optimizer_state)
             stage, step, optimizer_state = "decoder", 0, None
         if stage == "decoder":
-            summary["decoder"] = self.decoder_stage(step, optimizer_state)
+            self.decoder_stage(step, optimizer_state)
         path = self.out / STUDENT_DIR
         if env.is_main:
             records = self.metrics.read()
@@ -347,7 +345,8 @@ class Run:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         except Exception as error:
-            raise ValueError(f"{self.state_path}: unreadable training state ({error}); delete it to start over") from None
+            raise ValueError(f"{self.state_path}: unreadable training state ({error}); "
+                             "delete it to start over") from None
         if state.get("teacher") != self.identity:
             raise ValueError(f"{self.out} holds a run distilled from {state.get('teacher')}, not {self.identity}; "
                              "use another output directory")
