@@ -1,0 +1,283 @@
+"""The backend over HTTP (Flask test client): protocol, prompts -> masks, batch, webhooks, auth, errors.
+
+Most tests use the test-only geometry model (a box answers with that box, a point with a disc around it), so
+they can check where each mask lands; ``test_real_model_*`` run a seeded random ``lightening_test``.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.app import create_app
+from backend.corrections import FileCorrectionSink, annotation_masks
+from backend.images import FetchSettings
+from backend.labels import SMART_CONFIG
+from backend.rle import rle_to_mask
+from backend.segmenter import EmbeddedSettings, ModelSource, SegmenterSettings
+from backend.settings import BackendSettings
+from backend.testing import point_radius
+from e2e.servers import ImageHost
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def host(coco_tiny):
+    with ImageHost(coco_tiny / "val2017") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def photo(coco_val_images):
+    path = coco_val_images[1]
+    width, height = Image.open(path).size
+    return {"name": path.name, "url": f"/data/upload/{path.name}", "width": width, "height": height}
+
+
+def make_app(host, model_dir, source: ModelSource, **options):
+    settings = BackendSettings(
+        fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
+        segmenter=SegmenterSettings(embedded=EmbeddedSettings(source)),
+        model_dir=model_dir, preload=False, **options)
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def app(host, tmp_path_factory):
+    return make_app(host, tmp_path_factory.mktemp("models"), ModelSource(test_model="geometry"))
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return app.test_client()
+
+
+def keypoint(x, y, photo, positive=None, label="Object"):
+    item = {"id": "p", "from_name": "point", "to_name": "image", "type": "keypointlabels",
+            "original_width": photo["width"], "original_height": photo["height"], "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label]}}
+    if positive is not None:
+        item["is_positive"] = positive
+    return item
+
+
+def rectangle(x, y, w, h, photo, label="Object"):
+    return {"id": "r", "from_name": "box", "to_name": "image", "type": "rectanglelabels",
+            "original_width": photo["width"], "original_height": photo["height"], "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}}
+
+
+def predict_body(photo, context, tasks=None, config=SMART_CONFIG):
+    tasks = tasks or [{"id": 7, "data": {"image": photo["url"]}}]
+    return {"tasks": tasks, "project": "1.1700000000", "label_config": config,
+            "params": {"login": None, "password": None, "context": context}}
+
+
+def only_region(response, photo):
+    assert response.status_code == 200, response.get_json()
+    results = response.get_json()["results"]
+    assert len(results) == 1 and len(results[0]["result"]) == 1
+    region = results[0]["result"][0]
+    assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
+    assert (region["from_name"], region["to_name"]) == ("mask", "image")
+    assert (region["original_width"], region["original_height"]) == (photo["width"], photo["height"])
+    assert results[0]["model_version"] and isinstance(results[0]["score"], float)
+    return region, rle_to_mask(region["value"]["rle"], photo["height"], photo["width"]) > 0
+
+
+def disc(photo, x, y):
+    yy, xx = np.mgrid[:photo["height"], :photo["width"]] + 0.5
+    return (xx - x) ** 2 + (yy - y) ** 2 <= point_radius(photo["height"], photo["width"]) ** 2
+
+
+# --- protocol ---------------------------------------------------------------------------------------
+
+def test_health_and_versions(client):
+    body = client.get("/health").get_json()
+    assert body["status"] == "UP" and body["model_version"] == "test-geometry"
+    assert client.get("/").status_code == 200
+    assert client.get("/versions").get_json()["versions"] == ["test-geometry"]
+
+
+def test_setup_is_cheap_and_validates(host, tmp_path):
+    app = make_app(host, tmp_path, ModelSource(random="lightening_t"))
+    client = app.test_client()
+    response = client.post("/setup", json={"project": "1.1", "schema": SMART_CONFIG, "hostname": host.url,
+                                           "access_token": "x", "extra_params": None})
+    assert response.status_code == 200
+    assert response.get_json() == {"model_version": "random-lightening_t-0"}
+    assert client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": {"a": 1}}).status_code == 200
+    assert not app.extensions["samlight"].segmenter.loaded  # /setup never loads the model
+    bad = client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": [1]})
+    assert bad.status_code == 400 and "extra_params" in bad.get_json()["error"]
+    no_brush = client.post("/setup", json={"schema": '<View><Image name="i" value="$i"/>'
+                                           '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>'})
+    assert no_brush.status_code == 400 and "BrushLabels" in no_brush.get_json()["error"]
+    assert client.post("/setup", json={}).status_code == 400
+
+
+# --- interactive prompts ------------------------------------------------------------------------------
+
+def test_keypoint_gives_mask_at_the_point(client, photo):
+    region, mask = only_region(client.post("/predict", json=predict_body(photo, {"result": [
+        keypoint(25.0, 40.0, photo)]})), photo)
+    assert region["value"]["brushlabels"] == ["Object"]
+    assert np.array_equal(mask, disc(photo, 0.25 * photo["width"], 0.40 * photo["height"]))
+
+
+def test_several_points_with_a_negative_one(client, photo):
+    w, h = photo["width"], photo["height"]
+    context = {"result": [keypoint(50, 50, photo, positive=True), keypoint(52, 50, photo, positive=False),
+                          keypoint(10, 10, photo)]}  # is_positive missing: positive
+    _, mask = only_region(client.post("/predict", json=predict_body(photo, context)), photo)
+    expected = (disc(photo, 0.5 * w, 0.5 * h) | disc(photo, 0.1 * w, 0.1 * h)) & ~disc(photo, 0.52 * w, 0.5 * h)
+    assert np.array_equal(mask, expected)
+
+
+def test_rectangle_gives_its_box_last_one_wins(client, photo):
+    w, h = photo["width"], photo["height"]
+    context = {"result": [rectangle(5, 5, 10, 10, photo), rectangle(20.0, 30.0, 40.0, 25.0, photo, "Cat")]}
+    region, mask = only_region(client.post("/predict", json=predict_body(photo, context)), photo)
+    assert region["value"]["brushlabels"] == ["Object"]  # "Cat" is not a brush label: the first one
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.min() - 0.2 * w) <= 1 and abs(xs.max() + 1 - 0.6 * w) <= 1
+    assert abs(ys.min() - 0.3 * h) <= 1 and abs(ys.max() + 1 - 0.55 * h) <= 1
+    assert mask.sum() == (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+
+
+def test_output_label_follows_the_prompt(client, photo):
+    config = SMART_CONFIG.replace('<Label value="Object" background="#FF0000"/>',
+                                  '<Label value="Object" background="#FF0000"/><Label value="Dog"/>')
+    config = config.replace('<Label value="Object" smart="true" background="#00FF00" showInline="true"/>',
+                            '<Label value="Dog" smart="true"/>')
+    body = predict_body(photo, {"result": [keypoint(30, 30, photo, label="Dog")]}, config=config)
+    region, _ = only_region(client.post("/predict", json=body), photo)
+    assert region["value"]["brushlabels"] == ["Dog"]
+
+
+# --- batch ---------------------------------------------------------------------------------------------
+
+def test_batch_returns_one_item_per_task_and_prewarms(app, client, photo, coco_val_images):
+    names = [p.name for p in coco_val_images[2:5]]
+    tasks = [{"id": i, "data": {"image": f"/data/upload/{name}"}} for i, name in enumerate(names)]
+    tasks.append({"id": 9, "data": {"image": "/data/upload/missing.jpg"}})  # still answered
+    response = client.post("/predict", json=predict_body(photo, None, tasks=tasks))
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert [r["result"] for r in results] == [[]] * len(tasks)
+    assert all(r["model_version"] == "test-geometry" for r in results)
+    services = app.extensions["samlight"]
+    keys = [services.fetcher.image_key(f"/data/upload/{name}") for name in names]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(services.segmenter.predictor().is_cached(k) for k in keys):
+        time.sleep(0.05)
+    assert all(services.segmenter.predictor().is_cached(k) for k in keys)
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+def test_bad_requests_get_400_with_a_message(client, photo):
+    cases = [
+        client.post("/predict", data="{not json", content_type="application/json"),
+        client.post("/predict", json=[1, 2]),
+        client.post("/predict", json={"label_config": SMART_CONFIG}),
+        client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": photo["url"]}}]}),
+        client.post("/predict", json=predict_body(photo, None, tasks=[{"id": 1, "data": {"img": "x"}}])),
+        client.post("/predict", json=predict_body(photo, None, tasks=["nope"])),
+        client.post("/predict", json=predict_body(photo, {"result": [{"type": "polygonlabels", "value": {}}]})),
+        client.post("/predict", json=predict_body(photo, {"result": [keypoint(150, 20, photo)]})),
+        client.post("/predict", json=predict_body(photo, {"result": [rectangle(10, 10, 0, 0, photo)]})),
+        client.post("/predict", json=predict_body(photo, {"result": [{**keypoint(5, 5, photo),
+                                                                       "original_width": None}]})),
+        client.post("/predict", json=predict_body(photo, "context")),
+        client.post("/predict", json=predict_body(photo, None, config="<View>")),
+        client.post("/webhook", json={"project": {}}),
+    ]
+    for response in cases:
+        assert response.status_code == 400, response.get_json()
+        assert response.get_json()["error"]
+        # Label Studio shows the status line of a failed call: the message rides in the reason phrase
+        assert response.status.split(" ", 1)[1] != "BAD REQUEST"
+
+
+def test_image_failures_are_clear(client, photo):
+    missing = dict(photo, url="/data/upload/missing.jpg")
+    response = client.post("/predict", json=predict_body(missing, {"result": [keypoint(5, 5, photo)]}))
+    assert response.status_code == 502 and "not found" in response.get_json()["error"]
+    text = dict(photo, url="/text")
+    response = client.post("/predict", json=predict_body(text, {"result": [keypoint(5, 5, photo)]}))
+    assert response.status_code == 422 and "not an image" in response.get_json()["error"]
+
+
+def test_basic_auth(host, tmp_path):
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"), basic_auth_user="ann",
+                   basic_auth_pass="s3cret")
+    client = app.test_client()
+    assert client.get("/health").status_code == 401
+    assert client.get("/health", auth=("ann", "wrong")).status_code == 401
+    assert client.get("/health", auth=("ann", "s3cret")).status_code == 200
+    assert client.post("/setup", auth=("ann", "s3cret"), json={"schema": SMART_CONFIG}).status_code == 200
+
+
+# --- webhooks and corrections -------------------------------------------------------------------------------
+
+def test_webhooks_are_recorded_and_masks_round_trip(app, client, photo):
+    region, mask = only_region(client.post("/predict", json=predict_body(photo, {"result": [
+        rectangle(10, 20, 30, 40, photo)]})), photo)
+    annotation = {"id": 3, "task": 7, "result": [region], "was_cancelled": False}
+    events = [{"action": "ANNOTATION_CREATED", "annotation": annotation, "task": {"id": 7}, "project": {"id": 1}},
+              {"action": "ANNOTATION_UPDATED", "annotation": annotation, "task": {"id": 7}, "project": {"id": 1}},
+              {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 3}], "project": {"id": 1}},
+              {"action": "START_TRAINING", "project": {"id": 1}},
+              {"action": "PROJECT_UPDATED", "project": {"id": 1}}]
+    for event in events:
+        response = client.post("/webhook", json=event)
+        assert response.status_code == 200
+        assert response.get_json()["status"] == ("ignored" if event["action"] == "PROJECT_UPDATED" else "recorded")
+    sink = FileCorrectionSink(app.extensions["samlight"].sink.directory)
+    recorded = list(sink.events())
+    assert [e["action"] for e in recorded] == [e["action"] for e in events[:4]]
+    masks = annotation_masks(recorded[0]["annotation"])
+    assert len(masks) == 1 and masks[0]["labels"] == ["Object"] and masks[0]["from_name"] == "mask"
+    assert np.array_equal(masks[0]["mask"] > 0, mask)
+
+
+def test_file_sink_is_safe_under_concurrent_writers(tmp_path):
+    sink = FileCorrectionSink(tmp_path)
+    payload = {"action": "ANNOTATION_CREATED", "annotation": {"result": ["x" * 10_000]}}
+    threads = [threading.Thread(target=lambda i=i: [sink.record({**payload, "n": i * 100 + j}) for j in range(20)])
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = sink.path.read_text().splitlines()
+    assert len(lines) == 160 and sorted(json.loads(line)["event"]["n"] for line in lines) == sorted(
+        i * 100 + j for i in range(8) for j in range(20))
+
+
+# --- the real (random-weight) model ---------------------------------------------------------------------------
+
+def test_real_model_click_and_box(host, tmp_path, photo):
+    app = make_app(host, tmp_path, ModelSource(random="lightening_test"))
+    client = app.test_client()
+    _, mask = only_region(client.post("/predict", json=predict_body(photo, {"result": [keypoint(40, 50, photo)]})),
+                          photo)
+    _, box_mask = only_region(client.post("/predict", json=predict_body(photo, {"result": [
+        rectangle(20, 20, 50, 50, photo)]})), photo)
+    assert mask.shape == box_mask.shape == (photo["height"], photo["width"])
+    cache = client.get("/health").get_json()["cache"]
+    assert cache["entries"] == 1 and cache["hits"] >= 1  # the second prompt reused the embedding
+
+
+def test_request_path_does_not_import_torch():
+    code = ("import sys, backend.app, backend.model, backend.jobs, backend.segmenter, backend.images, "
+            "backend.corrections, backend.labels, backend.prompts; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
