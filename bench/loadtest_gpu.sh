@@ -14,26 +14,30 @@ REDIS_SERVER=$(realpath "${1:?usage: bench/loadtest_gpu.sh REDIS_SERVER [IMAGES_
 IMAGES=${2:-.loadtest-images}
 RESULTS=${3:-${OUT:-bench/results}}
 PYTHON=${PYTHON:-python3}
+# overridable for a dry run on CPU: GPUS=-1,-1 GPU1=-1 MODEL=lightening_test SKIP_WHEELS=1 PYTHON=.venv/bin/python
+GPUS=${GPUS:-0,0}
+GPU1=${GPU1:-0}
+MODEL=${MODEL:-lightening_t}
 mkdir -p "$RESULTS"
 export LD_LIBRARY_PATH="$(dirname "$REDIS_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 wheels=$(ls .whl/*.whl .whl-rq/*.whl 2>/dev/null || true)
-if [ -n "$wheels" ]; then
+if [ -n "$wheels" ] && [ -z "${SKIP_WHEELS:-}" ]; then
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/samlight-site $wheels
   export PYTHONPATH=/tmp/samlight-site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LOG_LEVEL=WARNING
 "$REDIS_SERVER" --version
-$PYTHON -c "import torch, rq, flask, label_studio_sdk, segment_anything; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+$PYTHON -c "import torch, rq, flask, gunicorn, label_studio_sdk, segment_anything; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 stamp=$(date -u +%Y%m%d-%H%M)
-common=(--spawn --python "$PYTHON" --redis-server "$REDIS_SERVER" --images "$IMAGES" --random lightening_t
+common=(--spawn --python "$PYTHON" --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL"
         --max-images 80 --deadline-ms 5000 --duration 75)
 # 1. two workers on GPU 0, no prewarm: a task's first click is uncached, the follow-ups cached
-$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus 0,0 --annotators 8 --tasks-per-annotator 10 --clicks 8 \
+$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus="$GPUS" --annotators 8 --tasks-per-annotator 10 --clicks 8 \
   --no-prewarm --out "$RESULTS/loadtest-gpu-2workers-noprewarm-$stamp.json" || true
 # 2. the same with Label Studio's prewarm when a task opens (batch /predict, context null), 200 ms to look
-$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus 0,0 --annotators 8 --tasks-per-annotator 10 --clicks 8 \
+$PYTHON bench/loadtest.py "${common[@]}" --workers 2 --gpus="$GPUS" --annotators 8 --tasks-per-annotator 10 --clicks 8 \
   --open-ms 200 --out "$RESULTS/loadtest-gpu-2workers-prewarm-$stamp.json" || true
 # 3. one worker, one annotator clicking back to back: the unloaded latency of the stack
-$PYTHON bench/loadtest.py "${common[@]}" --workers 1 --gpus 0 --annotators 1 --tasks-per-annotator 20 --clicks 8 \
+$PYTHON bench/loadtest.py "${common[@]}" --workers 1 --gpus="$GPU1" --annotators 1 --tasks-per-annotator 20 --clicks 8 \
   --no-prewarm --out "$RESULTS/loadtest-gpu-1worker-1annotator-$stamp.json" || true
 ls -l "$RESULTS"/loadtest-gpu-*-"$stamp".json
