@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results directory (JSON + PNGs)")
     p.add_argument("--data", required=True, help="coco_tiny root: annotations/, train2017/, val2017/")
-    p.add_argument("--work", default="/tmp/distill_gpu", help="scratch: checkpoints, runs, feature caches")
+    p.add_argument("--work", default="runs/distill_gpu",
+                   help="scratch: checkpoints, runs, feature caches (runs/ is git-ignored: kept on a warm machine)")
     p.add_argument("--phases", default="1,2,3")
     p.add_argument("--teacher", default="random:vit_b")
     p.add_argument("--big-teacher", default="random:vit_h")
@@ -61,7 +62,11 @@ class Bench:
         data = Path(args.data)
         self.train = data / "annotations" / "instances_train2017.json"
         self.val = data / "annotations" / "instances_val2017.json"
-        self.results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "steps": {}}
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        self.results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "steps": {},
+                              "device": device, "torch": torch.__version__}
         self.save()
 
     def save(self) -> None:

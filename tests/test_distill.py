@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from samlight.checkpoints import load_student, random_teacher
-from samlight.distill import FineTuneConfig, coco_dataset, fine_tune
+from samlight.distill import FineTuneConfig, TrainingSample, coco_dataset, fine_tune
 from samlight.eval import evaluate_samples, fidelity
 from samlight.modeling import build_student, seeded, student_config
 from samlight.modeling.build import init_decoder_from
@@ -137,6 +137,29 @@ def test_decoder_alignment_fits_ground_truth_box_prompts(tmp_path, train_samples
     assert meta["student_origin"].startswith("lightening_test-")  # fine-tuned from the distilled checkpoint
     records = [json.loads(line) for line in (tmp_path / "dec" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean([r["gt_loss"] for r in records[-10:]]) < np.mean([r["gt_loss"] for r in records[:10]])
+
+
+def test_unfreezing_trains_the_last_blocks_only_with_grad_accumulation(tmp_path, train_samples):
+    start = tmp_path / "start"
+    fine_tune("lightening_test", TEACHER, train_samples[:2], FineTuneConfig(
+        out_dir=str(start), encoder_steps=1, decoder_steps=0, batch_size=1, progress=False))
+    # programmatic samples, as the training workers pass them: arrays, masks, and one image with boxes only
+    image = train_samples[0].load_image()
+    masks = train_samples[0].load_masks()
+    samples = [TrainingSample(image=image, key="a", masks=masks),
+               TrainingSample(image=train_samples[1].image, boxes=[[10, 10, 200, 150]])]
+    path = fine_tune(start / "student", TEACHER, samples, FineTuneConfig(
+        out_dir=str(tmp_path / "dec"), encoder_steps=0, decoder_steps=3, batch_size=1, grad_accum=2,
+        unfreeze_blocks=1, decoder_lr=1e-3, progress=False))
+    before, after = _weights(start / "student"), _weights(path)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(n.startswith("image_encoder.blocks.1.") for n in changed)
+    assert any(n.startswith("image_encoder.neck.") for n in changed)
+    assert any(n.startswith("mask_decoder.") for n in changed)
+    assert not any(n.startswith(("image_encoder.blocks.0.", "image_encoder.patch_embed", "prompt_encoder."))
+                   for n in changed)
+    records = [json.loads(line) for line in (tmp_path / "dec" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["unfrozen_blocks"] for r in records] == [1, 1, 1]
 
 
 def _cli(out: Path, train_json: Path, *extra: str) -> list[str]:

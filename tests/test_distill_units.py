@@ -113,6 +113,8 @@ def test_prompt_sampling_from_masks():
             assert not masks[gt][int(pts[1][1]), int(pts[1][0])]
     empty = sample_prompts([], (60, 80), rng, max_instances=3)
     assert len(empty.points) == 3 and (empty.point_gt == -1).all()
+    boxed = sample_prompts([], (60, 80), rng, max_instances=3, boxes_without_masks=[[5, 5, 40, 30]])
+    assert len(boxed.boxes) == 1 and len(boxed.points) == 0 and (boxed.box_gt == -1).all()
 
 
 def test_config_validation():

@@ -45,7 +45,10 @@ def _point_in(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
 
 
 def sample_prompts(masks: list[np.ndarray], size: tuple[int, int], rng: np.random.Generator, max_instances: int,
-                   box_fraction: float = 0.5, jitter: float = 0.1, negative_fraction: float = 0.5) -> SampledPrompts:
+                   box_fraction: float = 0.5, jitter: float = 0.1, negative_fraction: float = 0.5,
+                   boxes_without_masks: list | None = None) -> SampledPrompts:
+    """Prompts for up to ``max_instances`` masks; with no masks, the given boxes (jittered) or random clicks,
+    aligned to the teacher only."""
     height, width = size
     usable = [i for i, m in enumerate(masks) if m.sum() >= MIN_AREA]
     boxes, box_gt, points, labels, point_gt = [], [], [], [], []
@@ -70,6 +73,12 @@ def sample_prompts(masks: list[np.ndarray], size: tuple[int, int], rng: np.rando
             points.append([positive, negative if negative is not None else np.zeros(2)])
             labels.append([1, 0 if negative is not None else -1])
             point_gt.append(i)
+    elif boxes_without_masks:
+        for i in rng.permutation(len(boxes_without_masks))[:max_instances]:
+            box = np.asarray(boxes_without_masks[i], dtype=np.float64)
+            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                boxes.append(jitter_box(box, size, rng, jitter))
+                box_gt.append(-1)
     else:
         # no ground truth: random foreground clicks, aligned to the teacher only
         for _ in range(max_instances):

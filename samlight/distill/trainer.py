@@ -181,7 +181,7 @@ class StageData:
         masks = sample.load_masks()
         size = prepared.original_size
         sampled = sample_prompts(masks, size, rng, self.config.instances_per_image, self.config.box_fraction,
-                                 self.config.box_jitter)
+                                 self.config.box_jitter, boxes_without_masks=None if masks else sample.boxes)
         transform = ResizeLongestSide(self.img_size)
         low_res = 4 * (self.img_size // 16)
         targets = masks_to_low_res(masks, prepared.input_size, low_res, self.img_size)
