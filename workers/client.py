@@ -202,17 +202,22 @@ class RQSegmenter:
         ids, deadline = self._submit(jobs, kind, deadline_ms)
         found = self._wait(ids, deadline)
         missing = [job_id for job_id in ids if job_id not in found]
+        timeout_error = None
         if missing:
             self._cancel(missing)
-            alive = self.alive_workers()
-            who = f"{len(alive)} inference worker(s) alive" if alive else "no inference worker is alive"
-            raise SegmenterUnavailable(
-                f"no answer from the inference workers within {deadline_ms} ms for {len(missing)} of {len(ids)} "
-                f"job(s) ({who})", 504)
+            try:
+                alive = self.alive_workers()
+                who = f"{len(alive)} inference worker(s) alive" if alive else "no inference worker is alive"
+            except Exception:  # noqa: BLE001 - Redis went away meanwhile
+                who = "Redis unreachable"
+            timeout_error = {"error": f"no answer from the inference workers within {deadline_ms} ms for "
+                                      f"{len(missing)} of {len(ids)} job(s) ({who})", "status": 504}
         results = []
         for job_id in ids:
-            result = found[job_id]
-            if result.type == Result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
+            result = found.get(job_id)
+            if result is None:
+                results.append(dict(timeout_error))
+            elif result.type == Result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
                 results.append(result.return_value)
             else:
                 last = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]

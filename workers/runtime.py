@@ -81,9 +81,11 @@ class InferenceRuntime:
     # --- models ---------------------------------------------------------------------------------
 
     def _predictor(self, model):
+        from samlight.embedding_cache import EmbeddingCache
         from samlight.predictor import Predictor
 
-        return Predictor(model, device=self.device)
+        cache = EmbeddingCache(max_entries=self.settings.cache_entries, max_bytes=self.settings.cache_entries << 23)
+        return Predictor(model, device=self.device, cache=cache)
 
     def load_initial(self) -> Served:
         active = self.registry.active()

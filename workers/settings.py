@@ -88,6 +88,7 @@ class WorkerSettings:
     deadline_ms: int = 5000  # a click's whole budget: queue wait + inference
     prewarm_deadline_ms: int = 60000
     max_batch: int = 8  # jobs a worker drains into one model call
+    cache_entries: int = 256  # embeddings a worker keeps (a 1024² image's is 4 MB)
     route_ttl_s: int = 600  # how long an image -> worker route is trusted
     alive_ttl_ms: int = 1500  # worker liveness key; heartbeat every third of it
     train_every_hours: float = 0.0  # 0 = no time-based schedule
@@ -105,6 +106,7 @@ class WorkerSettings:
             deadline_ms=_env_int("SAMLIGHT_DEADLINE_MS", cls.deadline_ms),
             prewarm_deadline_ms=_env_int("SAMLIGHT_PREWARM_DEADLINE_MS", cls.prewarm_deadline_ms),
             max_batch=_env_int("SAMLIGHT_MAX_BATCH", cls.max_batch),
+            cache_entries=_env_int("SAMLIGHT_WORKER_CACHE_ENTRIES", cls.cache_entries),
             route_ttl_s=_env_int("SAMLIGHT_ROUTE_TTL_S", cls.route_ttl_s),
             alive_ttl_ms=_env_int("SAMLIGHT_ALIVE_TTL_MS", cls.alive_ttl_ms),
             train_every_hours=_env_float("SAMLIGHT_TRAIN_EVERY_HOURS", cls.train_every_hours),
