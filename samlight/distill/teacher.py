@@ -82,6 +82,7 @@ class TeacherFeatures:
                 if self.cache is not None:
                     self.cache.put(self.cache.key(keys[i], img_size, blocks), entry)
                 found[i] = entry
-        neck = torch.stack([e["neck"].to(self.device, torch.float32) for e in found])
-        feats = [torch.stack([e[f"block{b}"].to(self.device, torch.float32) for e in found]) for b in blocks]
+        # fp16 crosses to the device, the cast happens there
+        neck = torch.stack([e["neck"].to(self.device).float() for e in found])
+        feats = [torch.stack([e[f"block{b}"].to(self.device).float() for e in found]) for b in blocks]
         return neck, feats
