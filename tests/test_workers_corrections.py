@@ -154,3 +154,29 @@ def test_single_cron_process_enqueues_once(redis_server, tmp_path):
             stop(c)
     assert Job.fetch(sink.settings.keys.training_job_id, connection=sink.redis,
                      serializer=JSONSerializer).kwargs["reason"].startswith("3 new corrections")
+
+
+def test_cron_time_schedule(redis_server, tmp_path):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    settings = WorkerSettings(redis_url=redis_server.url)
+    redis = connect(redis_server.url)
+    log = open(tmp_path / "cron.log", "wb")
+    # every 1.8 s (0.0005 h): the first tick comes one interval after start, not at once
+    cron = subprocess.Popen([sys.executable, "-m", "workers.cron", "--redis-url", redis_server.url,
+                             "--every-hours", "0.0005"], cwd=REPO, env=worker_env(tmp_path / "models"),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        key = Job.key_for(settings.keys.training_job_id)
+        deadline = time.monotonic() + 20
+        while not redis.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = Job.fetch(settings.keys.training_job_id, connection=redis, serializer=JSONSerializer)
+        assert job.kwargs["reason"] == "every 0.0005 h"
+        from rq.cron import CronScheduler
+
+        [scheduler] = CronScheduler.all(redis)
+        assert (job.enqueued_at - scheduler.created_at).total_seconds() >= 0.9  # not at start-up
+    finally:
+        stop(cron)

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 
 from rq.cron import CronJob, CronScheduler
 
@@ -93,10 +94,25 @@ class SingleCron(CronScheduler):
             self.release()
 
 
+def last_training_request(redis, settings: WorkerSettings) -> datetime | None:
+    try:
+        entries = redis.xrevrange(settings.keys.training_requests, count=1)
+    except Exception:  # noqa: BLE001 - Redis down at start: the scheduler retries its ticks anyway
+        return None
+    if not entries:
+        return None
+    millis = int(entries[0][0].decode().split("-")[0])
+    return datetime.fromtimestamp(millis / 1000, timezone.utc)
+
+
 def build(settings: WorkerSettings, check_seconds: int) -> SingleCron:
     cron = SingleCron(connect(settings.redis_url), settings)
     if settings.train_every_hours > 0:
-        cron._cron_jobs.append(TrainingTrigger(settings, max(1, int(settings.train_every_hours * 3600)), False))
+        every = TrainingTrigger(settings, max(1, int(settings.train_every_hours * 3600)), False)
+        # the clock starts at the last training request (any trigger), not at this process's start, so that
+        # restarting the cron neither trains at once nor postpones the schedule
+        every.set_enqueue_time(last_training_request(cron.connection, settings) or datetime.now(timezone.utc))
+        cron._cron_jobs.append(every)
     if settings.train_after_corrections > 0:
         cron._cron_jobs.append(TrainingTrigger(settings, check_seconds, True))
     return cron
