@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis test test-fast serve bench clean
+.PHONY: install redis labelstudio test test-fast serve bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ redis:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-test: install redis
+# Label Studio 1.23.2 in its own virtualenv, with a migrated template database, for the end-to-end test
+labelstudio:
+	PYTHON=$(PYTHON) bash tests/e2e/install_labelstudio.sh .venv-labelstudio
+
+test: install redis labelstudio
 	$(PY) -m pytest
 
 test-fast: install

@@ -188,7 +188,7 @@ class ImageFetcher:
             raise FetchError(str(error), 422) from None
 
     def _get(self, url: str, to_label_studio: bool, force_refresh: bool = False) -> requests.Response:
-        headers = {"Accept": "image/*"}
+        headers = {"Accept": "*/*"}  # Label Studio answers 406 to "Accept: image/*"
         if to_label_studio and self.auth is not None:
             headers.update(self.auth.header(force_refresh))
         try:
@@ -196,6 +196,9 @@ class ImageFetcher:
             return self.session.get(url, headers=headers, stream=True, timeout=self.timeout_s)
         except requests.Timeout:
             raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504) from None
+        except requests.ConnectionError:
+            parts = urlsplit(url)
+            raise FetchError(f"cannot connect to {parts.scheme}://{parts.netloc} to fetch {url}", 502) from None
         except requests.RequestException as error:
             raise FetchError(f"cannot fetch {url}: {error.__class__.__name__}: {error}", 502) from None
 
