@@ -182,7 +182,9 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        started = time.monotonic()
+        while len(versions) + len(errors) < 3 and time.monotonic() - started < 30:
+            time.sleep(0.05)  # the old model is serving before the new one is published
         record = _new_version(registry, seed=7)
         registry.activate(record.version)
         deadline = time.monotonic() + 60
