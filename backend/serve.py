@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RANDOM = "lightening_t"
+MODEL_VARIABLES = ("REDIS_URL", "SAMLIGHT_CHECKPOINT", "SAMLIGHT_RANDOM", "SAMLIGHT_TEST_MODEL")
 
 log = logging.getLogger("samlight.serve")
 
@@ -48,7 +49,7 @@ def environment(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
     elif args.random:
         env["SAMLIGHT_RANDOM"] = args.random
         env.pop("SAMLIGHT_CHECKPOINT", None)
-    elif not any(env.get(name) for name in ("REDIS_URL", "SAMLIGHT_CHECKPOINT", "SAMLIGHT_RANDOM", "SAMLIGHT_TEST_MODEL")):
+    elif not any(env.get(name) for name in MODEL_VARIABLES):
         env["SAMLIGHT_RANDOM"] = DEFAULT_RANDOM
         log.warning("no --checkpoint or SAMLIGHT_CHECKPOINT: serving RANDOM %s WEIGHTS - the masks are "
                     "meaningless (a demo of the plumbing). Pass --checkpoint PATH for real masks.", DEFAULT_RANDOM)

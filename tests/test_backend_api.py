@@ -116,8 +116,9 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
     assert not app.extensions["samlight"].segmenter.loaded  # /setup never loads the model
     bad = client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": [1]})
     assert bad.status_code == 400 and "extra_params" in bad.get_json()["error"]
-    no_brush = client.post("/setup", json={"schema": '<View><Image name="i" value="$i"/>'
-                                           '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>'})
+    keypoints_only = ('<View><Image name="i" value="$i"/>'
+                      '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>')
+    no_brush = client.post("/setup", json={"schema": keypoints_only})
     assert no_brush.status_code == 400 and "BrushLabels" in no_brush.get_json()["error"]
     assert client.post("/setup", json={}).status_code == 400
 
@@ -281,3 +282,37 @@ def test_request_path_does_not_import_torch():
             "backend.corrections, backend.labels, backend.prompts; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_health_answers_while_inference_runs_and_excess_clicks_get_503(host, tmp_path, photo):
+    # three threads per process leave one inference slot; a click on a slow image holds it for two seconds
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"), threads=3)
+    slow = dict(photo, url="/slow")
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(response=app.test_client().post(
+        "/predict", json=predict_body(slow, {"result": [keypoint(5, 5, photo)]}))))
+    worker.start()
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while client.get("/health").get_json()["inflight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["inflight"] == 1  # answered during inference
+    busy = client.post("/predict", json=predict_body(photo, {"result": [keypoint(5, 5, photo)]}))
+    assert busy.status_code == 503 and "busy" in busy.get_json()["error"]
+    assert client.post("/setup", json={"schema": SMART_CONFIG}).status_code == 200
+    worker.join()
+    assert outcome["response"].status_code == 422  # /slow is not an image, after its delay
+
+
+def test_serve_defaults_to_loud_random_weights(caplog):
+    from backend.serve import environment, parse_args
+
+    with caplog.at_level("WARNING"):
+        env = environment(parse_args([]), {})
+    assert env["SAMLIGHT_RANDOM"] == "lightening_t" and "RANDOM" in caplog.text
+    env = environment(parse_args(["--checkpoint", "/m", "--port", "9191", "--workers", "2"]),
+                      {"SAMLIGHT_RANDOM": "x"})
+    assert (env["SAMLIGHT_CHECKPOINT"], env["PORT"], env["SAMLIGHT_WORKERS"]) == ("/m", "9191", "2")
+    assert "SAMLIGHT_RANDOM" not in env
+    assert "SAMLIGHT_RANDOM" not in environment(parse_args([]), {"REDIS_URL": "redis://h"})

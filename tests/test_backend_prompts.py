@@ -17,7 +17,8 @@ def test_smart_config():
 def test_keypoints_only_config_on_another_data_key():
     schema = parse_config('<View><Image name="img" value="$photo"/>'
                           '<BrushLabels name="b" toName="img"><Label value="car"/></BrushLabels>'
-                          '<KeyPointLabels name="k" toName="img" smart="true"><Label value="car"/></KeyPointLabels></View>')
+                          '<KeyPointLabels name="k" toName="img" smart="true"><Label value="car"/>'
+                          '</KeyPointLabels></View>')
     assert (schema.image_value, schema.prompts) == ("photo", {"k": "keypoint"})
 
 
