@@ -8,6 +8,10 @@
    before and after.
 3. encoder-stage images/s with a ``random:vit_h`` teacher: no feature cache, cold cache, warm cache.
 
+Phase 2 starts from phase 1's student in --work (default runs/distill_gpu, git-ignored, so it survives
+between calls on a warm machine): to stay under a 10-minute command limit, run ``--phases 1,2`` and then
+``--phases 3`` as two calls. Fewer steps: --encoder-steps / --decoder-steps / --throughput-steps.
+
 Everything goes through the ``samlight`` CLI (subprocesses). Results: OUT/distill_gpu.json (rewritten
 after every step, so a run cut short still reports what it did) and a few PNGs (at most 8 files).
 """

@@ -208,13 +208,14 @@ def test_torchrun_ddp_gloo_two_processes(tmp_path, train_json):
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "samlight.cli",
          *_cli(out, train_json, "--encoder-steps", "3", "--decoder-steps", "2", "--batch-size", "1",
-               "--cache-dir", str(tmp_path / "cache"))],
+               "--grad-accum", "2", "--cache-dir", str(tmp_path / "cache"))],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [("encoder", 0), ("encoder", 1), ("encoder", 2),
                                                          ("decoder", 0), ("decoder", 1)]
-    assert all(r["images"] == 2 for r in records if r["stage"] == "encoder")  # one image on each of 2 ranks
+    # one image per micro-batch, two micro-batches per step, on each of 2 ranks
+    assert all(r["images"] == 4 for r in records if r["stage"] == "encoder")
     checkpoint = load_student(out / "student")
     assert checkpoint.metadata["teacher"] == "random:vit_test:0"
