@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors raise plain exceptions
+    SafetensorError = ValueError
 
 log = logging.getLogger(__name__)
 
