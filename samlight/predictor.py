@@ -23,6 +23,7 @@ from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
 from samlight.fast_decoder import GraphedPromptDecoder
 from samlight.fast_encoder import GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
+from samlight.modeling import LighteningEncoder
 
 ImageLike = "np.ndarray | Image.Image | str | os.PathLike"
 
@@ -55,6 +56,7 @@ class Predictor:
         autocast: bool | None = None,
         fast: bool | None = None,
         encoder_dtype: torch.dtype | None = None,
+        compile_decoder: bool = False,
     ) -> None:
         """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
         and decoder (default on CUDA). ``encoder_dtype``: the encoder's weights (default bf16 on CUDA,
@@ -66,12 +68,15 @@ class Predictor:
         on_cuda = self.device.type == "cuda"
         self.autocast = on_cuda if autocast is None else autocast
         fast = on_cuda if fast is None else fast
-        encoder_dtype = encoder_dtype or (torch.bfloat16 if fast else torch.float32)
-        if fast or encoder_dtype != torch.float32:
+        # vanilla SAM's encoder copies host tensors while it runs (relative positions): no CUDA graph for it
+        graphable = isinstance(model.image_encoder, LighteningEncoder)
+        encoder_dtype = encoder_dtype or (torch.bfloat16 if fast and graphable else torch.float32)
+        if graphable and (fast or encoder_dtype != torch.float32):
             self.encoder = GraphedEncoder(model.image_encoder, dtype=encoder_dtype)
         else:
             self.encoder = model.image_encoder
-        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
+        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast, compile=compile_decoder) \
+            if fast and on_cuda else None
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
