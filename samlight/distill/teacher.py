@@ -36,9 +36,10 @@ class TeacherFeatures:
     (a run whose images are all cached never runs the teacher's encoder)."""
 
     def __init__(self, spec: TeacherSpec, device: torch.device, cache: TeacherFeatureCache | None,
-                 autocast: bool, teacher: Sam | None = None) -> None:
+                 autocast: bool, teacher: Sam | None = None, identity: str | None = None) -> None:
         self.spec = spec
-        self.identity = cache.teacher_identity if cache is not None else spec.identity
+        # a checkpoint's identity hashes the whole file: computed once by the caller when it can
+        self.identity = identity or (cache.teacher_identity if cache is not None else spec.identity)
         self.device = device
         self.cache = cache
         self.autocast = autocast

@@ -306,7 +306,8 @@ class Run:
         self.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        features = TeacherFeatures(self.spec, self.device, cache, self.autocast, teacher=self.teacher)
+        features = TeacherFeatures(self.spec, self.device, cache, self.autocast, teacher=self.teacher,
+                                   identity=self.identity)
         student.to(self.device)
         stage_module.to(self.device)
         self._context = dict(student=student, student_cfg=student_cfg, origin=origin, stage_module=stage_module,
