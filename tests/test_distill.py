@@ -219,3 +219,17 @@ def test_torchrun_ddp_gloo_two_processes(tmp_path, train_json):
     assert all(r["images"] == 4 for r in records if r["stage"] == "encoder")
     checkpoint = load_student(out / "student")
     assert checkpoint.metadata["teacher"] == "random:vit_test:0"
+
+
+def test_official_checkpoint_teacher_is_identified_by_its_hash(tmp_path, train_samples, teacher):
+    weights = tmp_path / "sam_vit_test.pth"
+    torch.save(teacher.state_dict(), weights)
+    path = fine_tune("lightening_test", f"vit_test:{weights}", train_samples[:1], FineTuneConfig(
+        out_dir=str(tmp_path / "run"), encoder_steps=1, decoder_steps=1, batch_size=1, progress=False,
+        cache_dir=str(tmp_path / "cache")))
+    identity = load_student(path).metadata["teacher"]
+    assert identity.startswith("vit_test:sha256=") and len(identity) == len("vit_test:sha256=") + 16
+    # another teacher in the same output directory is refused rather than silently mixed
+    with pytest.raises(ValueError, match="distilled from"):
+        fine_tune("lightening_test", TEACHER, train_samples[:1], FineTuneConfig(
+            out_dir=str(tmp_path / "run"), encoder_steps=1, decoder_steps=1, batch_size=1, progress=False))
