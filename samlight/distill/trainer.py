@@ -297,6 +297,8 @@ class Run:
             log.info("resuming %s stage at step %d from %s", stage, step, self.state_path)
         if env.is_main:
             (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+            for stale in (self.out / STATE_DIR).glob(".tmp-*"):  # a save cut short by a kill
+                stale.unlink(missing_ok=True)
             if stage != "done":
                 self.metrics.truncate_from(stage, step)
         env.barrier()
