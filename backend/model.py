@@ -97,6 +97,8 @@ class SamLightModel:
         result = self.services.segmenter.segment([job])[0]
         if "error" in result:
             raise PredictError(result["error"], int(result.get("status", 500)))
+        log.info("mask for %s: cached=%s %s", url, result.get("cached"),
+                 " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
         label = schema.output_label(prompt.label)
         region = {
             "id": uuid.uuid4().hex[:10],

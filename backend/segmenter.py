@@ -148,6 +148,7 @@ class InProcessSegmenter:
         self._key_locks = _KeyLocks()
         self._prewarm_pool = ThreadPoolExecutor(settings.prewarm_threads, thread_name_prefix="prewarm")
         self._inflight = 0
+        self._prewarm_pending = 0
         self._counter_lock = threading.Lock()
         self.started = time.time()
 
@@ -234,26 +235,34 @@ class InProcessSegmenter:
         return [self._run(job) for job in jobs]
 
     def prewarm(self, jobs: list[SegmentJob]) -> None:
+        # at most a cache's worth queued: a batch over thousands of tasks must not queue hours of encoding
+        # whose embeddings would be evicted before anyone clicks
         for job in jobs:
+            with self._counter_lock:
+                if self._prewarm_pending >= self.settings.cache_entries:
+                    log.info("prewarm queue full (%d): not prewarming %s", self._prewarm_pending, job.image_url)
+                    continue
+                self._prewarm_pending += 1
             warm = SegmentJob(image_url=job.image_url, image_key=job.image_key, prewarm_only=True)
             future = self._prewarm_pool.submit(self._run, warm)
-            future.add_done_callback(_log_prewarm_error)
+            future.add_done_callback(self._prewarm_done)
+
+    def _prewarm_done(self, future) -> None:
+        with self._counter_lock:
+            self._prewarm_pending -= 1
+        result = future.result()
+        if "error" in result:
+            log.warning("prewarm failed: %s", result["error"])
 
     def health(self) -> dict[str, Any]:
         status: dict[str, Any] = {"mode": "embedded", "model_loaded": self.loaded, "inflight": self._inflight,
-                                  "pid": os.getpid()}
+                                  "prewarm_pending": self._prewarm_pending, "pid": os.getpid()}
         if self._load_error:
             status["error"] = self._load_error
         if self._predictor is not None:
             status["device"] = str(self._predictor.device)
             status["cache"] = self._predictor.cache.stats()
         return status
-
-
-def _log_prewarm_error(future) -> None:
-    result = future.result()
-    if "error" in result:
-        log.warning("prewarm failed: %s", result["error"])
 
 
 @dataclass

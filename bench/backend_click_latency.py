@@ -81,7 +81,7 @@ def main() -> int:
         port = free_port()
         model = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random", args.random]
         env = {**os.environ, "SAMLIGHT_HOST": "127.0.0.1", "PORT": str(port), "MODEL_DIR": "/tmp/samlight-bench",
-               "LOG_LEVEL": "WARNING"}
+               "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING")}
         process = subprocess.Popen([sys.executable, "-m", "backend.serve", *model, "--workers", "1"], cwd=REPO,
                                    env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"

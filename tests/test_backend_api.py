@@ -316,3 +316,18 @@ def test_serve_defaults_to_loud_random_weights(caplog):
     assert (env["SAMLIGHT_CHECKPOINT"], env["PORT"], env["SAMLIGHT_WORKERS"]) == ("/m", "9191", "2")
     assert "SAMLIGHT_RANDOM" not in env
     assert "SAMLIGHT_RANDOM" not in environment(parse_args([]), {"REDIS_URL": "redis://h"})
+
+
+def test_prewarm_queue_is_bounded_by_the_cache(host):
+    from backend.images import ImageFetcher
+    from backend.jobs import SegmentJob
+    from backend.segmenter import InProcessSegmenter
+
+    segmenter = InProcessSegmenter(EmbeddedSettings(ModelSource(test_model="geometry"), cache_entries=2),
+                                   ImageFetcher(host.url, host.legacy_token))
+    segmenter.prewarm([SegmentJob(f"/slow?{i}", f"k{i}", prewarm_only=True) for i in range(5)])
+    assert segmenter.health()["prewarm_pending"] == 2  # the other three were dropped, not queued
+    deadline = time.monotonic() + 20
+    while segmenter.health()["prewarm_pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.health()["prewarm_pending"] == 0
