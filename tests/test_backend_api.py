@@ -331,3 +331,17 @@ def test_prewarm_queue_is_bounded_by_the_cache(host):
     while segmenter.health()["prewarm_pending"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert segmenter.health()["prewarm_pending"] == 0
+
+
+def test_with_redis_url_the_app_uses_the_workers_without_torch(redis_server, tmp_path):
+    code = ("import sys; from backend.app import create_app; app = create_app(); "
+            "services = app.extensions['samlight']; "
+            "print(type(services.segmenter).__module__, type(services.segmenter).__name__); "
+            "assert 'torch' not in sys.modules, 'torch imported on the request path'; "
+            "assert app.test_client().post('/setup', json={'schema': open(sys.argv[1]).read()}).status_code == 200")
+    config = tmp_path / "config.xml"
+    config.write_text(SMART_CONFIG)
+    env = {"REDIS_URL": redis_server.url, "MODEL_DIR": str(tmp_path / "models"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["workers.client", "RQSegmenter"]
