@@ -70,6 +70,18 @@ class ModelSource:
         if (self.checkpoint is None) == (self.random is None):
             raise ValueError("set SAMLIGHT_CHECKPOINT (a student directory or SAM .pth) or SAMLIGHT_RANDOM "
                              "(a config name, random weights for demos) - exactly one of them")
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            if not path.exists():
+                raise ValueError(f"checkpoint {path} does not exist")
+            if path.is_dir() and not (path / "config.json").is_file():
+                raise ValueError(f"checkpoint directory {path} has no config.json (not a samlight student)")
+        if self.random is not None:
+            from samlight.modeling.configs import STUDENT_CONFIGS, TEACHER_CONFIGS  # plain dataclasses, no torch
+
+            if self.random not in STUDENT_CONFIGS and self.random not in TEACHER_CONFIGS:
+                raise ValueError(f"unknown random config {self.random!r}; "
+                                 f"choose from {sorted([*STUDENT_CONFIGS, *TEACHER_CONFIGS])}")
 
     def version(self) -> str:
         """The version string ``samlight.models.load_model`` reports, computed without loading weights."""

@@ -61,6 +61,12 @@ class BackendSettings:
             preload=_flag(env.get("SAMLIGHT_PRELOAD"), True),
         )
 
+    def __post_init__(self) -> None:
+        # several embedded processes share the cores instead of each running one torch thread per core
+        embedded = self.segmenter.embedded
+        if embedded.torch_threads is None and self.workers > 1:
+            embedded.torch_threads = max(1, (os.cpu_count() or 1) // self.workers)
+
     @property
     def corrections_dir(self) -> Path:
         return self.model_dir / "corrections"

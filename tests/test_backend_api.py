@@ -345,3 +345,11 @@ def test_with_redis_url_the_app_uses_the_workers_without_torch(redis_server, tmp
     out = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["workers.client", "RQSegmenter"]
+
+
+def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend.serve", "--checkpoint", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "backend.serve", "--random", "vit_huge"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown random config" in out.stderr
