@@ -12,6 +12,7 @@ Modules (each has one job):
 - ``rle``          Label Studio brush RLE (vectorised encoder, byte-identical to label_studio_sdk's)
 - ``corrections``  ``CorrectionSink`` / ``FileCorrectionSink`` for webhooks; ``annotation_masks``
 - ``settings``     ``BackendSettings.from_env()``; ``gunicorn_conf`` and ``serve`` start the server
+- ``testing``      a test-only deterministic "geometry" model (``SAMLIGHT_TEST_MODEL=geometry``) for e2e checks
 
 Interface for the RQ workers (``workers/``):
 
