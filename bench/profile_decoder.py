@@ -21,12 +21,10 @@ def main() -> None:
     parser.add_argument("--config", default="lightening_t")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--fp32-decoder", action="store_true", help="decoder in float32 (no autocast casts)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder inside its graphs")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    predictor = Predictor(random_model(args.config), device="cuda", autocast=not args.fp32_decoder,
-                          compile_decoder=args.compile)
+    predictor = Predictor(random_model(args.config), device="cuda", autocast=not args.fp32_decoder)
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     embedding = predictor.embed(image)
     box = np.array([[100.0, 80.0, 400.0, 360.0]])
@@ -43,9 +41,7 @@ def main() -> None:
         end.synchronize()
         times.append(start.elapsed_time(end))
     print(f"decode (graphed) median {statistics.median(times):.3f} ms, cudnn.benchmark={args.cudnn_benchmark}, "
-          f"decoder {'fp32' if args.fp32_decoder else 'bf16 autocast'}, compiled {args.compile}")
-    if args.compile:
-        return
+          f"decoder {'fp32' if args.fp32_decoder else 'bf16 autocast'}")
     eager = Predictor(random_model(args.config), device="cuda", fast=False)
     emb2 = eager.embed(image)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

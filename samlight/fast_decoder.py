@@ -43,13 +43,10 @@ def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes) -> tuple
 
 
 class GraphedPromptDecoder:
-    def __init__(self, model: Sam, max_graphs: int = 16, autocast: bool = True, compile: bool = False) -> None:
+    def __init__(self, model: Sam, max_graphs: int = 16, autocast: bool = True) -> None:
         self.model = model
         self.max_graphs = max_graphs
         self.autocast = autocast
-        # torch.compile fuses the decoder's ~140 elementwise kernels; captured into the same graphs
-        self._run = torch.compile(self._decode, dynamic=False, mode="max-autotune-no-cudagraphs") if compile \
-            else self._decode
         self._graphs: OrderedDict[Signature, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -81,11 +78,11 @@ class GraphedPromptDecoder:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                self._run(*args)
+                self._decode(*args)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            outputs = self._run(*args)
+            outputs = self._decode(*args)
         return graph, static, outputs
 
     @torch.inference_mode()

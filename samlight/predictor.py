@@ -56,7 +56,6 @@ class Predictor:
         autocast: bool | None = None,
         fast: bool | None = None,
         encoder_dtype: torch.dtype | None = None,
-        compile_decoder: bool = False,
     ) -> None:
         """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
         and decoder (default on CUDA). ``encoder_dtype``: the encoder's weights (default bf16 on CUDA,
@@ -75,8 +74,7 @@ class Predictor:
             self.encoder = GraphedEncoder(model.image_encoder, dtype=encoder_dtype)
         else:
             self.encoder = model.image_encoder
-        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast, compile=compile_decoder) \
-            if fast and on_cuda else None
+        self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------

@@ -111,3 +111,18 @@ def test_patch_embedding_gemm_equals_the_convolution(test_student):
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         assert torch.allclose(encoder.embed_patches(x), encoder.patch_embed(x), atol=1e-4)
+
+
+def test_training_after_inference_in_the_same_process(test_student):
+    """Index tensors cached during inference must not be inference tensors (they are saved for backward)."""
+    from samlight.modeling import token_order
+
+    token_order._index_on.cache_clear()
+    token_order._sequence_index_cpu.cache_clear()
+    token_order._grid_index_cpu.cache_clear()
+    model = seeded(2, build_student, student_config("lightening_test"))
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        model.image_encoder(x)
+    model.image_encoder(x).sum().backward()
+    assert model.image_encoder.pos_embed.grad is not None

@@ -79,17 +79,6 @@ def atomic_torch_save(obj, path: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _drop_inference_token_indices() -> None:
-    """The encoder caches its token-order index tensors; ones first made under ``torch.inference_mode``
-    (any earlier Predictor call in this process) cannot be saved for backward. Rebuild them for training."""
-    from samlight.modeling import token_order
-
-    for name in ("_sequence_index_cpu", "_grid_index_cpu", "_index_on"):
-        cached = getattr(token_order, name, None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-
-
 def _init_projections(projections: nn.ModuleList) -> None:
     for proj in projections:
         nn.init.xavier_uniform_(proj.weight)
@@ -275,7 +264,7 @@ class Run:
     def execute(self) -> Path:
         cfg, env = self.config, self.env
         torch.manual_seed(cfg.seed)
-        _drop_inference_token_indices()
+
         student, student_cfg, origin = self._build_student()
         teacher_img = self.teacher.image_encoder.img_size
         if teacher_img != student_cfg.encoder.img_size:

@@ -24,6 +24,7 @@ def _morton_code(y: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def _sequence_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
     """Raster index of the token at each sequence position."""
     n = height * width
@@ -40,6 +41,7 @@ def _sequence_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def _grid_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
     """Sequence position of each raster token (inverse permutation)."""
     return torch.argsort(_sequence_index_cpu(order, height, width))
@@ -49,7 +51,9 @@ def _grid_index_cpu(order: str, height: int, width: int) -> torch.Tensor:
 def _index_on(kind: str, order: str, height: int, width: int, device: str) -> torch.Tensor:
     # cached per device so that the hot path does no host-to-device copy
     make = _sequence_index_cpu if kind == "sequence" else _grid_index_cpu
-    return make(order, height, width).to(device)
+    # cached tensors outlive the call: never let them become inference tensors (training reuses them)
+    with torch.inference_mode(False):
+        return make(order, height, width).to(device)
 
 
 def sequence_index(order: str, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -175,4 +175,5 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
 @functools.lru_cache(maxsize=16)
 def _dilations_on(dilations: tuple[int, ...], device: str) -> Tensor:
     # made once per device: no host-to-device copy on the hot path (and none inside a CUDA graph)
-    return torch.tensor(dilations, device=device, dtype=torch.int32)
+    with torch.inference_mode(False):
+        return torch.tensor(dilations, device=device, dtype=torch.int32)
