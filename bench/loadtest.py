@@ -43,18 +43,9 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-SMART_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true" zoomControl="true"/>
-  <BrushLabels name="mask" toName="image">
-    <Label value="Object" background="#FF0000"/>
-  </BrushLabels>
-  <KeyPointLabels name="point" toName="image" smart="true">
-    <Label value="Object" smart="true" background="#00FF00" showInline="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true">
-    <Label value="Object" smart="true" background="#0000FF" showInline="true"/>
-  </RectangleLabels>
-</View>"""
+sys.path.insert(0, str(REPO))
+from backend.labels import SMART_CONFIG  # noqa: E402  (the labeling config the README recommends)
+
 TOKEN = "loadtest-legacy-token"
 
 
