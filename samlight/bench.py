@@ -50,6 +50,7 @@ class Result:
     precision: str
     mode: str
     params_m: float
+    input_size: int | None = None
     latency_ms: float | None = None
     latency_spread_ms: float | None = None
     peak_mb: float | None = None
@@ -77,11 +78,14 @@ def _peer_entries(precisions: list[str]) -> list[Entry]:
             return sam_model_registry["vit_t"]().image_encoder
 
         entries += [Entry("mobile_sam", "peer", p, mobile_sam) for p in precisions]
-    if importlib.util.find_spec("efficientvit") is not None:
+    if importlib.util.find_spec("efficientsam") is not None:
         def efficientvit_sam() -> nn.Module:
-            from efficientvit.sam_model_zoo import create_efficientvit_sam_model
+            from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
-            return create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False).image_encoder
+            model = create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False)
+            encoder = model.image_encoder
+            encoder.img_size = model.image_size[1]  # EfficientViT-SAM encodes at 512x512
+            return encoder
 
         entries += [Entry("efficientvit_sam_l0", "peer", p, efficientvit_sam) for p in precisions]
     return entries
@@ -145,6 +149,7 @@ def measure(entry: Entry, device: torch.device, repeats: int, batch: int, latenc
     result = Result(entry.name, entry.family, entry.precision, entry.mode, params / 1e6,
                     weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
     size = getattr(model, "img_size", 1024)
+    result.input_size = size
     warmup = 3 if device.type == "cuda" else 1
     with torch.inference_mode():
         if latency:
@@ -216,7 +221,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    header = (f"{'model':<22}{'prec':<6}{'mode':<8}{'params M':>9}{'latency ms':>12}{'peak MB':>9}"
+    header = (f"{'model':<22}{'prec':<6}{'mode':<8}{'input':>6}{'params M':>9}{'latency ms':>12}{'peak MB':>9}"
               f"{'img/s (b)':>15}{'x ViT-H fp32':>13}{'x best peer':>12}")
     lines = [header, "-" * len(header)]
     for r in results:
@@ -225,7 +230,8 @@ def format_table(results: list[Result]) -> str:
             continue
         tput = "-" if r.throughput_img_s is None else f"{r.throughput_img_s:.1f} ({r.throughput_batch})"
         lines.append(
-            f"{r.name:<22}{r.precision:<6}{r.mode:<8}{r.params_m:>9.1f}{_fmt(r.latency_ms, '.3f'):>12}"
+            f"{r.name:<22}{r.precision:<6}{r.mode:<8}{_fmt(r.input_size, 'd'):>6}{r.params_m:>9.1f}"
+            f"{_fmt(r.latency_ms, '.3f'):>12}"
             f"{_fmt(r.peak_mb, '.0f'):>9}{tput:>15}{_fmt(r.vs_sam_vit_h_fp32, '.1f'):>13}"
             f"{_fmt(r.vs_fastest_peer, '.1f'):>12}"
         )
@@ -293,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                 result.prompt_to_mask_ms, result.prompt_to_mask_host_ms = measure_prompt_to_mask(
                     result.name, device, repeats)
     add_ratios(results)
-    print(f"device: {device_description(device)}; torch {torch.__version__}; input 1024x1024; random weights")
+    print(f"device: {device_description(device)}; torch {torch.__version__}; random weights; "
+          f"input: each model's own (SAM-style models 1024x1024)")
     print(format_table(results))
     for r in results:
         if r.prompt_to_mask_ms is not None:
