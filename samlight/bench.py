@@ -96,7 +96,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -162,7 +162,7 @@ def measure(entry: Entry, device: torch.device, repeats: int, batch: int, latenc
                 run()
                 torch.cuda.synchronize(device)
                 result.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-            times = _time_ms(run, device, repeats, warmup)
+            times = time_ms(run, device, repeats, warmup)
             result.latency_ms = statistics.median(times)
             result.latency_spread_ms = (max(times) - min(times)) if len(times) > 1 else 0.0
             del run, x
@@ -185,8 +185,8 @@ def measure_prompt_to_mask(name: str, device: torch.device, repeats: int) -> tup
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     embedding = predictor.embed(image)
     box = np.array([[100.0, 80.0, 400.0, 360.0]])
-    on_device = _time_ms(lambda: predictor._decode(embedding, None, None, box, None, False), device, repeats, 3)
-    to_host = _time_ms(lambda: predictor.predict_embedding(embedding, box=box[0], multimask_output=False), device,
+    on_device = time_ms(lambda: predictor._decode(embedding, None, None, box, None, False), device, repeats, 3)
+    to_host = time_ms(lambda: predictor.predict_embedding(embedding, box=box[0], multimask_output=False), device,
                        repeats, 3)
     return statistics.median(on_device), statistics.median(to_host)
 
@@ -196,7 +196,7 @@ def _throughput(model, entry, device, dtype, size, batch, repeats) -> tuple[int,
     while batch >= 1:
         try:
             x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            times = _time_ms(_runner(model, x, entry.mode), device, repeats, warmup=1)
+            times = time_ms(_runner(model, x, entry.mode), device, repeats, warmup=1)
             return batch, 1000 * batch / statistics.median(times)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
