@@ -1,7 +1,7 @@
 """Where the GPU time goes: torch.profiler's top CUDA kernels for the encoder or the prompt decoder.
 
-    python bench/profile.py encoder --config lightening_t --dtype bf16 --out $OUT/profile.txt
-    python bench/profile.py decoder [--fp32-decoder] [--cudnn-benchmark]
+    python bench/profile_gpu.py encoder --config lightening_t --dtype bf16 --out $OUT/profile.txt
+    python bench/profile_gpu.py decoder [--fp32-decoder] [--cudnn-benchmark]
 """
 
 from __future__ import annotations
