@@ -85,10 +85,13 @@ def test_routing_reuses_embeddings_across_workers(fleet):
     segmenter = fleet["segmenter"]
     redis = segmenter.redis
     indices = list(range(1, 9))
-    segmenter.prewarm([click(fleet, i) for i in indices])  # through the shared queue, in micro-batches
+    done_before = sum(w.get("jobs", 0) for w in segmenter.worker_info())
+    segmenter.prewarm([click(fleet, i) for i in indices])  # routed like clicks, drained in micro-batches
     keys = [click(fleet, i).image_key for i in indices]
+    # routes are claimed when the prewarm is queued; wait until the embeddings exist (the prewarm jobs ran),
+    # or a click could share a micro-batch with its own image's prewarm and count as a miss
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(redis.get(f"samlight:route:{k}") for k in keys):
+    while time.monotonic() < deadline and sum(w.get("jobs", 0) for w in segmenter.worker_info()) < done_before + 8:
         time.sleep(0.1)
     owners = {k: redis.get(f"samlight:route:{k}").decode() for k in keys}
     results = segmenter.segment([click(fleet, i, point=(50.0 + 10 * n, 60.0)) for n, i in enumerate(indices)
