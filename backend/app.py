@@ -19,7 +19,8 @@ from werkzeug.exceptions import HTTPException
 from backend.corrections import CorrectionSink, FileCorrectionSink
 from backend.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
-from backend.model import PredictError, SamLightModel, Services
+from backend.errors import StatusError
+from backend.model import SamLightModel, Services
 from backend.prompts import PromptError
 from backend.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
@@ -27,10 +28,8 @@ from backend.settings import BackendSettings
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class ApiError(StatusError):
+    """A request the API itself rejects (bad JSON, missing fields, no free inference slot)."""
 
 
 def _reason(message: str) -> str:
@@ -96,8 +95,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
             return response
         return None
 
-    @app.errorhandler(ApiError)
-    @app.errorhandler(PredictError)
+    @app.errorhandler(StatusError)  # ApiError, PredictError, JobError, FetchError
     def api_error(error):
         return error_response(str(error), error.status)
 

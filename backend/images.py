@@ -24,15 +24,14 @@ from urllib.parse import urljoin, urlsplit
 import numpy as np
 import requests
 
+from backend.errors import StatusError
 from samlight.image_io import ImageError, ImageLimits, decode_image
 
 
-class FetchError(ValueError):
+class FetchError(StatusError):
     """An image could not be fetched or decoded; ``status`` is the HTTP status the backend answers with."""
 
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.status = status
+    default_status = 502
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

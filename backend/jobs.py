@@ -26,17 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backend.images import FetchError, ImageFetcher
+from backend.images import ImageFetcher
+from backend.errors import StatusError
 from backend.rle import mask_to_rle
 
 if TYPE_CHECKING:  # the request path must not import torch when jobs run on workers
     from samlight.predictor import Predictor
 
 
-class JobError(ValueError):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class JobError(StatusError):
+    """A job that cannot run as given."""
 
 
 @dataclass
@@ -158,5 +157,5 @@ def run_job(data: dict, predictor: "Predictor", fetcher: ImageFetcher, model_ver
     """``execute`` for JSON callers: a job dict in, a result dict (or ``{"error", "status"}``) out."""
     try:
         return execute(SegmentJob.from_dict(data), predictor, fetcher, model_version)
-    except (JobError, FetchError) as error:
+    except StatusError as error:
         return error_result(error)

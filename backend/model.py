@@ -15,15 +15,14 @@ from backend.images import FetchError, ImageFetcher
 from backend.jobs import SegmentJob
 from backend.labels import LabelingSchema, parse_config
 from backend.prompts import Prompt, parse_context
+from backend.errors import StatusError
 from backend.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
 
-class PredictError(ValueError):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class PredictError(StatusError):
+    """A /predict request this backend cannot answer (bad tasks, config, or a failed job)."""
 
 
 @dataclass
