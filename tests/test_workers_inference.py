@@ -173,6 +173,7 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
     segmenter = fleet["segmenter"]
     registry = ModelRegistry(fleet["model_dir"], segmenter.redis)
     errors, versions, stop_flag = [], [], threading.Event()
+    latest: dict[int, str] = {}  # each annotator's last answer
 
     def annotator(offset: int):
         n = 0
@@ -180,6 +181,7 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
             [r] = segmenter.segment([click(fleet, 10 + (offset + n) % 6, point=(100.0 + n % 50, 100.0))])
             n += 1
             (errors if "error" in r else versions).append(r.get("error") or r["model_version"])
+            latest[offset] = r.get("model_version")
 
     threads = [threading.Thread(target=annotator, args=(k,)) for k in range(3)]
     for t in threads:
@@ -196,6 +198,11 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
             if len(info) == 2 and all(w.get("version") == record.version for w in info):
                 break
             time.sleep(0.2)
+        # a batch that began on the old model finishes on it (the swap is atomic per batch): wait until every
+        # annotator has had an answer from the new model; from then on only the new one may answer
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(latest.get(k) == record.version for k in range(3)):
+            time.sleep(0.05)
         served_before = len(versions)
         time.sleep(1.5)
         # a corrupt version: the registry refuses to activate it, and workers told about it anyway reject it
