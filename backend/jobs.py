@@ -7,7 +7,8 @@ workers call it on a GPU (the job and its result cross Redis as JSON, never pick
 Result (``execute``'s dict)::
 
     {"width": W, "height": H,              # the EXIF-corrected image size the mask has
-     "rle": [...],                         # Label Studio brush RLE of the uint8 0/255 mask (absent for prewarm)
+     "rle_base64": "...",                  # Label Studio brush RLE of the uint8 0/255 mask, base64 (absent for
+                                           # prewarm); backend.rle.rle_from_base64 gives Label Studio's list
      "score": 0.93,                        # the decoder's predicted IoU of the chosen mask
      "area": 12345,                        # mask pixels
      "model_version": "...", "image_key": "url:...",
@@ -28,7 +29,7 @@ import numpy as np
 
 from backend.images import ImageFetcher
 from backend.errors import StatusError
-from backend.rle import mask_to_rle
+from backend.rle import mask_to_rle_base64
 
 if TYPE_CHECKING:  # the request path must not import torch when jobs run on workers
     from samlight.predictor import Predictor
@@ -142,7 +143,7 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
     mask = prediction.masks[best]
     timings["decode"] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
-    result["rle"] = mask_to_rle(mask)
+    result["rle_base64"] = mask_to_rle_base64(mask)
     timings["rle"] = (time.perf_counter() - start) * 1000
     result.update(score=float(prediction.scores[best]), area=int(mask.sum()), timings_ms=timings)
     return result

@@ -15,6 +15,7 @@ from backend.images import FetchError, ImageFetcher
 from backend.jobs import SegmentJob
 from backend.labels import LabelingSchema, parse_config
 from backend.prompts import Prompt, parse_context
+from backend.rle import rle_from_base64
 from backend.errors import StatusError
 from backend.segmenter import Segmenter
 
@@ -107,7 +108,7 @@ class SamLightModel:
             "original_width": result["width"],
             "original_height": result["height"],
             "image_rotation": 0,
-            "value": {"format": "rle", "rle": result["rle"], "brushlabels": [label] if label else []},
+            "value": {"format": "rle", "rle": rle_from_base64(result["rle_base64"]), "brushlabels": [label] if label else []},
             "score": result["score"],
             "readonly": False,
         }

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import encode_values, mask_to_rle, rle_to_mask
+from backend.rle import encode_values, mask_to_rle, mask_to_rle_base64, rle_from_base64, rle_to_mask
 
 
 def disc(height, width, cx, cy, r):
@@ -25,6 +25,8 @@ def test_noisy_mask_matches_sdk():
     mask = (rng.random((200, 300)) < 0.5).astype(np.uint8) * 255
     assert mask_to_rle(mask) == mask2rle(mask)
     assert mask_to_rle(mask.astype(bool)) == mask2rle(mask)
+    # the form a job result carries between worker and backend
+    assert rle_from_base64(mask_to_rle_base64(mask)) == mask2rle(mask)
 
 
 @pytest.mark.parametrize("length", [1, 2, 8, 9, 16, 17, 256, 257, 65535, 65536, 65537, 131072, 131073, 200001])

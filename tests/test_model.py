@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -111,6 +112,18 @@ def test_patch_embedding_gemm_equals_the_convolution(test_student):
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         assert torch.allclose(encoder.embed_patches(x), encoder.patch_embed(x), atol=1e-4)
+
+
+def test_channels_last_neck_equals_segment_anythings_neck(test_student):
+    encoder = copy.deepcopy(test_student.image_encoder).double()
+    for p in encoder.neck.parameters():  # not the identity init: LayerNorm weights and biases count too
+        torch.nn.init.normal_(p, std=0.5)
+    grid = torch.randn(2, 16, 16, encoder.config.embed_dim, dtype=torch.float64)
+    with torch.no_grad():
+        expected = encoder.neck(grid.permute(0, 3, 1, 2))
+        got = encoder.apply_neck(grid)
+    assert got.shape == expected.shape == (2, 256, 16, 16)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=1e-10)
 
 
 def test_training_after_inference_in_the_same_process(test_student):

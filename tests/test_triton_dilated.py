@@ -18,6 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (((16, 1), (64, 4), (256, 16)), 4, 2),
         (((64, 4), (256, 16)), 2, 1),  # leaves positions uncovered: zeros there
         (((8, 1), (256, 2)), 3, 1),  # two different sparse lengths
+        (((16, 1), (256, 2), (64, 4)), 4, 2),  # one launch for branches 0 and 2, another for branch 1
         (((256, 1),), 1, 1),  # plain global attention
     ],
 )

@@ -14,7 +14,7 @@ import pytest
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
 from backend.images import ImageFetcher
 from backend.jobs import SegmentJob
-from backend.rle import rle_to_mask
+from backend.rle import rle_from_base64, rle_to_mask
 from conftest import RedisServer, free_port
 from e2e.servers import ImageHost, make_jwt
 from workers.client import RQSegmenter
@@ -63,7 +63,7 @@ def test_click_round_trip(fleet):
     segmenter = fleet["segmenter"]
     [result] = segmenter.segment([click(fleet, 0)])
     assert "error" not in result, result
-    mask = rle_to_mask(result["rle"], result["height"], result["width"])
+    mask = rle_to_mask(rle_from_base64(result["rle_base64"]), result["height"], result["width"])
     assert mask.shape == (result["height"], result["width"]) == (480, 640)
     assert result["model_version"] == "random-lightening_test-0" == segmenter.model_version
     assert result["worker"]["name"] in WORKERS and result["cached"] is False

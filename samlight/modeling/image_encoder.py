@@ -74,7 +74,7 @@ class LighteningEncoder(nn.Module):
         for block in self.blocks:
             seq = block(seq)
             block_outputs.append(sequence_to_grid(seq, order, grid, grid))
-        return self.neck(block_outputs[-1].permute(0, 3, 1, 2)), block_outputs
+        return self.apply_neck(block_outputs[-1]), block_outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.config.grid_size
@@ -82,4 +82,18 @@ class LighteningEncoder(nn.Module):
         seq = grid_to_sequence(self.embed_patches(x) + self.pos_embed, order)
         for block in self.blocks:
             seq = block(seq)
-        return self.neck(sequence_to_grid(seq, order, grid, grid).permute(0, 3, 1, 2))
+        return self.apply_neck(sequence_to_grid(seq, order, grid, grid))
+
+    def apply_neck(self, grid: torch.Tensor) -> torch.Tensor:
+        """``self.neck`` on a channels-last grid: (B, g, g, C) -> (B, 256, g, g), in channels-last memory.
+
+        Same weights and math as ``self.neck(grid.permute(0, 3, 1, 2))``, but each of segment_anything's
+        LayerNorm2d (nine elementwise kernels) is one ``F.layer_norm`` over the channel axis, and the 1x1
+        convolution is a GEMM on the tokens: no NCHW copies.
+        """
+        conv1, norm1, conv3, norm2 = self.neck
+        x = F.linear(grid, conv1.weight.flatten(1))
+        x = F.layer_norm(x, (x.shape[-1],), norm1.weight, norm1.bias, norm1.eps)
+        x = conv3(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # cuDNN/oneDNN keep channels-last memory
+        x = F.layer_norm(x, (x.shape[-1],), norm2.weight, norm2.bias, norm2.eps)
+        return x.permute(0, 3, 1, 2)

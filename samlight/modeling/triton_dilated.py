@@ -34,26 +34,40 @@ if triton is not None:
 
     @triton.jit
     def _branch_kernel(
-        Q, K, V, O, LSE,
+        Q, K, V, O, LSE, TABLE,
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-        sob, son, soh, slb, slh,
-        heads, seq_len, qk_scale,
-        SEGMENT: tl.constexpr, DILATION: tl.constexpr, SPARSE: tl.constexpr,
+        o_branch_stride, sob, son, soh, lse_branch_stride, slb, slh,
+        heads, qk_scale,
+        BRANCHES: tl.constexpr, SPARSE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # program (query block of one sparse segment, batch*head)
+        # program (query block of one sparse segment of one branch, batch*head); the branches of one
+        # launch share their sparse length, and TABLE rows are (first program, segment, dilation, branch)
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // heads
         h = pid_bh % heads
+        first_program = tl.load(TABLE)
+        segment_length = tl.load(TABLE + 1)
+        dilation = tl.load(TABLE + 2)
+        branch = tl.load(TABLE + 3)
+        for i in tl.static_range(1, BRANCHES):
+            later = pid_m >= tl.load(TABLE + 4 * i)
+            first_program = tl.where(later, tl.load(TABLE + 4 * i), first_program)
+            segment_length = tl.where(later, tl.load(TABLE + 4 * i + 1), segment_length)
+            dilation = tl.where(later, tl.load(TABLE + 4 * i + 2), dilation)
+            branch = tl.where(later, tl.load(TABLE + 4 * i + 3), branch)
+        O += branch * o_branch_stride
+        LSE += branch * lse_branch_stride
+        local = pid_m - first_program
         blocks_per_segment = tl.cdiv(SPARSE, BLOCK_M)
-        segment = pid_m // blocks_per_segment
-        first = (pid_m % blocks_per_segment) * BLOCK_M
-        base = segment * SEGMENT + h % DILATION
+        segment = local // blocks_per_segment
+        first = (local % blocks_per_segment) * BLOCK_M
+        base = segment * segment_length + h % dilation
 
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < SPARSE
-        q_pos = base + rows * DILATION
+        q_pos = base + rows * dilation
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqn + dims[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -63,7 +77,7 @@ if triton is not None:
         for start in range(0, SPARSE, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < SPARSE
-            k_pos = base + cols * DILATION
+            k_pos = base + cols * dilation
             k = tl.load(K + b * skb + h * skh + k_pos[:, None] * skn + dims[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + k_pos[:, None] * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
             # scores in base 2: qk_scale already holds log2(e)
@@ -141,20 +155,19 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
     lse_all = torch.empty(count, b, h, n, device=q.device, dtype=torch.float32)
     out = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernel uses exp2
-    for i, branch in enumerate(branches):
-        sparse = branch.sparse_length
-        block_m = min(64, triton.next_power_of_2(sparse))
-        block_n = min(64, triton.next_power_of_2(sparse))
-        grid = ((n // branch.segment) * triton.cdiv(sparse, block_m), b * h)
-        o_b, lse_b = o_all[i], lse_all[i]
-        _branch_kernel[grid](
-            q, k, v, o_b, lse_b,
+    # one launch per distinct sparse length (lightening_t's three branches are all 256 long: one launch);
+    # small branches alone would leave most SMs idle
+    for sparse, programs, table in _launches(tuple((br.segment, br.dilation, br.sparse_length) for br in branches),
+                                             n, str(q.device)):
+        block = min(64, triton.next_power_of_2(sparse))
+        _branch_kernel[(programs, b * h)](
+            q, k, v, o_all, lse_all, table,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            o_b.stride(0), o_b.stride(1), o_b.stride(2), lse_b.stride(0), lse_b.stride(1),
-            h, n, qk_scale,
-            SEGMENT=branch.segment, DILATION=branch.dilation, SPARSE=sparse,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            o_all.stride(0), o_all.stride(1), o_all.stride(2), o_all.stride(3),
+            lse_all.stride(0), lse_all.stride(1), lse_all.stride(2),
+            h, qk_scale,
+            BRANCHES=table.shape[0], SPARSE=sparse, HEAD_DIM=d, BLOCK_M=block, BLOCK_N=block,
             # float32 inputs get true float32 products, not TF32 (half types are exact either way)
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
@@ -170,6 +183,23 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
         BRANCHES=count, HEAD_DIM=d, BLOCK=block,
     )
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _launches(branches: tuple[tuple[int, int, int], ...], seq_len: int, device: str) -> list[tuple[int, int, Tensor]]:
+    """(sparse length, programs per batch*head, device table of (first program, segment, dilation, branch))
+    for each group of branches with one sparse length."""
+    launches = []
+    for sparse in dict.fromkeys(s for _, _, s in branches):
+        block = min(64, triton.next_power_of_2(sparse))
+        rows, programs = [], 0
+        for index, (segment, dilation, length) in enumerate(branches):
+            if length == sparse:
+                rows.append((programs, segment, dilation, index))
+                programs += (seq_len // segment) * triton.cdiv(sparse, block)
+        with torch.inference_mode(False):  # made once: no host-to-device copy on the hot path or in a graph
+            launches.append((sparse, programs, torch.tensor(rows, device=device, dtype=torch.int32)))
+    return launches
 
 
 @functools.lru_cache(maxsize=16)
