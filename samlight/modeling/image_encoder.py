@@ -8,6 +8,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
+from samlight.modeling.add_norm import add_layer_norm
 from samlight.modeling.block import LighteningBlock
 from samlight.modeling.configs import EncoderConfig
 from samlight.modeling.token_order import grid_to_sequence, sequence_to_grid
@@ -80,9 +81,21 @@ class LighteningEncoder(nn.Module):
         grid = self.config.grid_size
         order = self.config.token_order
         seq = grid_to_sequence(self.embed_patches(x) + self.pos_embed, order)
-        for block in self.blocks:
-            seq = block(seq)
-        return self.apply_neck(sequence_to_grid(seq, order, grid, grid))
+        return self.apply_neck(sequence_to_grid(self.run_blocks(seq), order, grid, grid))
+
+    def run_blocks(self, seq: torch.Tensor) -> torch.Tensor:
+        """``for block in self.blocks: seq = block(seq)``, with every residual add fused into the LayerNorm
+        that reads it (one kernel instead of two in CUDA inference; see ``add_norm``)."""
+        blocks = list(self.blocks)
+        normed = blocks[0].norm1(seq)
+        for i, block in enumerate(blocks):
+            seq, normed = add_layer_norm(seq, block.attn(normed), block.norm2)
+            update = block.mlp(normed)
+            if i + 1 < len(blocks):
+                seq, normed = add_layer_norm(seq, update, blocks[i + 1].norm1)
+            else:
+                seq = seq + update
+        return seq
 
     def apply_neck(self, grid: torch.Tensor) -> torch.Tensor:
         """``self.neck`` on a channels-last grid: (B, g, g, C) -> (B, 256, g, g), in channels-last memory.

@@ -159,7 +159,7 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
     # small branches alone would leave most SMs idle
     for sparse, programs, table in _launches(tuple((br.segment, br.dilation, br.sparse_length) for br in branches),
                                              n, str(q.device)):
-        block = min(64, triton.next_power_of_2(sparse))
+        block = _block_size(sparse)
         _branch_kernel[(programs, b * h)](
             q, k, v, o_all, lse_all, table,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -185,13 +185,18 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, branches, scale: f
     return out.transpose(1, 2)
 
 
+def _block_size(sparse: int) -> int:
+    # tl.dot needs every dimension >= 16; shorter segments are masked
+    return max(16, min(64, triton.next_power_of_2(sparse)))
+
+
 @functools.lru_cache(maxsize=64)
 def _launches(branches: tuple[tuple[int, int, int], ...], seq_len: int, device: str) -> list[tuple[int, int, Tensor]]:
     """(sparse length, programs per batch*head, device table of (first program, segment, dilation, branch))
     for each group of branches with one sparse length."""
     launches = []
     for sparse in dict.fromkeys(s for _, _, s in branches):
-        block = min(64, triton.next_power_of_2(sparse))
+        block = _block_size(sparse)
         rows, programs = [], 0
         for index, (segment, dilation, length) in enumerate(branches):
             if length == sparse:
