@@ -21,6 +21,7 @@ from backend.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
 from backend.errors import StatusError
 from backend.model import SamLightModel, Services
+from backend import rle
 from backend.prompts import PromptError
 from backend.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
@@ -156,7 +157,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
             predict_slots.release()
         log.info("predict: %d task(s), context=%s, %.1f ms", len(tasks), params.get("context") is not None,
                  (time.perf_counter() - start) * 1000)
-        return jsonify({"results": results, "model_version": segmenter.model_version})
+        body = rle.dumps({"results": results, "model_version": segmenter.model_version})
+        return Response(body, mimetype="application/json")
 
     @app.post("/webhook")
     def webhook():

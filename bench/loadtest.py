@@ -217,6 +217,7 @@ class Click:
     first: bool
     ok: bool
     error: str = ""
+    rle_bytes: int = 0  # the brush RLE's length: how complex the mask was (a random model's is noise)
 
 
 def annotator(index: int, args, backend: str, tasks: list[dict], results: list, stop_at: float) -> None:
@@ -249,9 +250,10 @@ def annotator(index: int, args, backend: str, tasks: list[dict], results: list, 
                 items = response.json().get("results", []) if response.ok else []
                 ok = response.ok and bool(items and items[0].get("result"))
                 error = "" if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                rle_bytes = len(items[0]["result"][0]["value"]["rle"]) if ok else 0
             except (requests.RequestException, ValueError) as exc:
-                ms, ok, error = (time.perf_counter() - started) * 1000, False, str(exc)[:200]
-            results.append(Click(ms, n == 0, ok, error))
+                ms, ok, error, rle_bytes = (time.perf_counter() - started) * 1000, False, str(exc)[:200], 0
+            results.append(Click(ms, n == 0, ok, error, rle_bytes))
             if args.think_ms:
                 time.sleep(rng.uniform(0.5, 1.5) * args.think_ms / 1000)
 
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                        "first_click_on_task": percentiles([c.ms for c in ok if c.first]),
                        "follow_up_clicks": percentiles([c.ms for c in ok if not c.first])},
         "embedding_hit_rate": round(hits / clicks, 4) if clicks else None,
+        "rle_bytes_median": statistics.median(c.rle_bytes for c in ok) if ok else None,
         "fleet_clicks": clicks,
         "per_worker": {w: {k: after[w].get(k, 0) - before.get(w, {}).get(k, 0) for k in ("jobs", "clicks", "click_hits")}
                        for w in after},
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats.get("n"):
             print(f"  {name:22s} p50 {stats['p50']:8.2f} ms  p90 {stats['p90']:8.2f}  p99 {stats['p99']:8.2f}  (n={stats['n']})")
     print(f"  embedding hit rate (clicks, fleet): {report['embedding_hit_rate']}  per worker: {report['per_worker']}")
+    print(f"  brush RLE per mask (median): {report['rle_bytes_median']} bytes")
     if report["error_samples"]:
         print("  errors:", *report["error_samples"], sep="\n    ")
     if args.out:

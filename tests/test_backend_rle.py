@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import encode_values, mask_to_rle, mask_to_rle_base64, rle_from_base64, rle_to_mask
+import json
+
+from backend.rle import BrushRle, dumps, encode_values, mask_to_rle, mask_to_rle_base64, rle_from_base64, rle_to_mask
 
 
 def disc(height, width, cx, cy, r):
@@ -26,7 +28,7 @@ def test_noisy_mask_matches_sdk():
     assert mask_to_rle(mask) == mask2rle(mask)
     assert mask_to_rle(mask.astype(bool)) == mask2rle(mask)
     # the form a job result carries between worker and backend
-    assert rle_from_base64(mask_to_rle_base64(mask)) == mask2rle(mask)
+    assert list(rle_from_base64(mask_to_rle_base64(mask))) == mask2rle(mask)
 
 
 @pytest.mark.parametrize("length", [1, 2, 8, 9, 16, 17, 256, 257, 65535, 65536, 65537, 131072, 131073, 200001])
@@ -57,3 +59,17 @@ def test_bad_masks_are_rejected():
         mask_to_rle(np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError, match="expected 3x3x4"):
         rle_to_mask(mask_to_rle(np.zeros((2, 2), np.uint8)), 3, 3)
+
+
+def test_dumps_writes_brush_rle_as_the_json_list_label_studio_reads():
+    rng = np.random.default_rng(2)
+    mask = (rng.random((60, 80)) < 0.5).astype(np.uint8) * 255
+    rle = rle_from_base64(mask_to_rle_base64(mask))
+    body = {"results": [{"value": {"rle": rle, "format": "rle", "note": '"quoted" \\ and a token-like -0'},
+                         "score": 0.5}, {"value": {"rle": BrushRle(b"")}}], "model_version": "v1"}
+    parsed = json.loads(dumps(body))
+    assert parsed["results"][0]["value"]["rle"] == mask2rle(mask)
+    assert parsed["results"][0]["value"]["note"] == body["results"][0]["value"]["note"]
+    assert parsed["results"][1]["value"]["rle"] == [] and parsed["model_version"] == "v1"
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"x": object()})
