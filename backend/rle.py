@@ -96,6 +96,22 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     return mask_to_rle_bytes(mask).tolist()
 
 
+def mask_to_rle_bytes(mask: np.ndarray) -> np.ndarray:
+    """``mask_to_rle`` as a uint8 array."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8) * 255
+    if mask.dtype != np.uint8:
+        raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
+    if mask.size == 0:
+        return encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    lengths, values = _runs(mask.ravel())
+    # RGBA: every pixel value is written four times, so every run is four times as long
+    return encode_runs(lengths * 4, values, mask.size * 4)
+
+
 def mask_to_rle_base64(mask: np.ndarray) -> str:
     """``mask_to_rle`` as base64 text: how a job result carries it (a noisy mask's RLE is 100k+ bytes, which as a
     JSON list of ints costs ~15 ms to write and read back; as base64, under 1 ms)."""
@@ -137,22 +153,6 @@ def dumps(obj) -> bytes:
     for token, rle in rendered.items():
         text = text.replace(token, rle, 1)
     return text
-
-
-def mask_to_rle_bytes(mask: np.ndarray) -> np.ndarray:
-    """``mask_to_rle`` as a uint8 array."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    if mask.dtype == bool:
-        mask = mask.astype(np.uint8) * 255
-    if mask.dtype != np.uint8:
-        raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
-    if mask.size == 0:
-        return encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
-    lengths, values = _runs(mask.ravel())
-    # RGBA: every pixel value is written four times, so every run is four times as long
-    return encode_runs(lengths * 4, values, mask.size * 4)
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
