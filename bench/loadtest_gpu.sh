@@ -19,13 +19,7 @@ GPUS=${GPUS:-0,0}
 GPU1=${GPU1:-0}
 MODEL=${MODEL:-lightening_t}
 mkdir -p "$RESULTS"
-export LD_LIBRARY_PATH="$(dirname "$REDIS_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-wheels=$(ls .whl/*.whl .whl-rq/*.whl 2>/dev/null || true)
-if [ -n "$wheels" ] && [ -z "${SKIP_WHEELS:-}" ]; then
-  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/samlight-site $wheels
-  export PYTHONPATH=/tmp/samlight-site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LOG_LEVEL=WARNING
+source bench/gpu_env.sh
 "$REDIS_SERVER" --version
 $PYTHON -c "import torch, rq, flask, gunicorn, label_studio_sdk, segment_anything; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 stamp=$(date -u +%Y%m%d-%H%M)

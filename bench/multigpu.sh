@@ -15,13 +15,7 @@ shift 3
 PYTHON=${PYTHON:-python3}
 # NVLink multicast off, also for every process started from here
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export LD_LIBRARY_PATH="$(dirname "$REDIS_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-wheels=$(ls .whl/*.whl .whl-rq/*.whl 2>/dev/null || true)
-if [ -n "$wheels" ] && [ -z "${SKIP_WHEELS:-}" ]; then
-  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/samlight-site $wheels
-  export PYTHONPATH=/tmp/samlight-site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LOG_LEVEL=WARNING
+source bench/gpu_env.sh
 "$REDIS_SERVER" --version
 $PYTHON -c "import torch, rq, segment_anything, pycocotools; print('torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
 exec $PYTHON bench/multigpu.py --out "$OUT_DIR" --data "$DATA" --redis-server "$REDIS_SERVER" "$@"
