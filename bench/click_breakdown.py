@@ -92,8 +92,7 @@ def main(argv=None) -> int:
 
         wait_for(lambda: redis.Redis.from_url(redis_url).ping(), 15, "redis-server")
         model = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random", args.random]
-        profile = ["-m", "cProfile", "-o", os.environ["WORKER_PROFILE"]] if os.environ.get("WORKER_PROFILE") else []
-        processes.append(subprocess.Popen([sys.executable, *profile, "-m", "workers.inference", "--gpu", args.gpu, *model,
+        processes.append(subprocess.Popen([sys.executable, "-m", "workers.inference", "--gpu", args.gpu, *model,
                                            "--redis-url", redis_url, "--name", "w0"], env=env, cwd=REPO))
         from backend.app import create_app
         from backend.jobs import SegmentJob

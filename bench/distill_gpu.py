@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.phases import PhasedRun  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Bench:
+class Bench(PhasedRun):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out = Path(args.out)
@@ -69,32 +69,15 @@ class Bench:
         import torch
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        self.results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "steps": {},
-                              "device": device, "torch": torch.__version__}
-        self.save()
+        super().__init__(self.out / "distill_gpu.json", {"args": vars(args), "device": device,
+                                                         "torch": torch.__version__})
 
-    def save(self) -> None:
-        path = self.out / "distill_gpu.json"
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(self.results, indent=2, sort_keys=True))
-        os.replace(temp, path)
-
-    def cli(self, name: str, *argv: str) -> float:
-        """Run ``samlight ARGV``, log it, fail loudly; returns wall seconds."""
+    def cli(self, name: str, *argv: str) -> None:
+        """Run ``samlight ARGV`` through ``PhasedRun.call``."""
         command = [sys.executable, "-m", "samlight.cli", "--log-level", "WARNING", *argv]
         if self.args.device:
             command += ["--device", self.args.device]
-        print(f"\n=== {name}: {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seconds = time.perf_counter() - started
-        tail = "\n".join(line for line in done.stdout.splitlines() if "it/s]" not in line and "step/s]" not in line)
-        print(tail[-4000:], flush=True)
-        self.results["steps"][name] = {"seconds": round(seconds, 1), "rc": done.returncode}
-        self.save()
-        if done.returncode != 0:
-            raise RuntimeError(f"{name} failed with rc {done.returncode}")
-        return seconds
+        self.call(name, command)
 
     def coco(self, annotations: Path, limit: int | None) -> list[str]:
         return ["--coco", str(annotations)] + (["--max-images", str(limit)] if limit else [])
@@ -141,7 +124,7 @@ class Bench:
         save_student(model, config, path, {"teacher": spec.identity, "note": "undistilled initialisation"})
         return path
 
-    def phase1(self) -> None:
+    def phase_1(self) -> None:
         before = self.evaluate("undistilled", self.undistilled())
         run = self.distill("distill_vit_b", "--encoder-steps", str(self.args.encoder_steps), "--decoder-steps", "0",
                            "--lr", str(self.args.lr), "--cache-dir", str(self.work / "cache_vit_b"))
@@ -162,7 +145,7 @@ class Bench:
             shutil.copy(run / "plots" / plot, self.out / f"encoder_{plot}")
         self.save()
 
-    def phase2(self) -> None:
+    def phase_2(self) -> None:
         distilled = self.work / "distill_vit_b" / "student"
         if not distilled.is_dir():
             raise RuntimeError("phase 2 needs phase 1's distilled student")
@@ -186,7 +169,7 @@ class Bench:
         shutil.copy(run / "plots" / "losses.png", self.out / "decoder_losses.png")
         self.save()
 
-    def phase3(self) -> None:
+    def phase_3(self) -> None:
         steps = self.args.throughput_steps
         cache = self.work / "cache_vit_h"
         shutil.rmtree(cache, ignore_errors=True)
@@ -221,21 +204,9 @@ class Bench:
 def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
-    failed = []
-    for phase in [p.strip() for p in args.phases.split(",") if p.strip()]:
-        started = time.perf_counter()
-        try:
-            getattr(bench, f"phase{phase}")()
-        except Exception as error:  # keep going: later phases may not depend on this one
-            failed.append(phase)
-            bench.results.setdefault("errors", {})[f"phase{phase}"] = repr(error)
-            print(f"phase {phase} failed: {error!r}", flush=True)
-        bench.results.setdefault("phase_seconds", {})[phase] = round(time.perf_counter() - started, 1)
-        bench.save()
-    bench.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    bench.save()
+    status = bench.run_phases(args.phases)
     print(json.dumps({k: v for k, v in bench.results.items() if k.startswith("phase")}, indent=2))
-    return 1 if failed else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.phases import PhasedRun  # noqa: E402
+
 # NVLink multicast stays off (device tool: it can take a shared host's GPUs out of service)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Run:
+class Run(PhasedRun):
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
@@ -67,28 +68,14 @@ class Run:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         args.out.mkdir(parents=True, exist_ok=True)
         args.work.mkdir(parents=True, exist_ok=True)
-        self.results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "gpus": self.gpus,
-                              "device": "cpu (dry run)" if args.cpu_dry_run else torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "args": {k: str(v) for k, v in vars(args).items()}, "steps": {}}
-        self.save()
+        device = "cpu (dry run)" if args.cpu_dry_run else torch.cuda.get_device_name(0)
+        super().__init__(args.out / "multigpu.json", {"gpus": self.gpus, "device": device, "torch": torch.__version__,
+                                                      "args": vars(args)})
 
-    def save(self) -> None:
-        path = self.args.out / "multigpu.json"
-        path.with_suffix(".tmp").write_text(json.dumps(self.results, indent=2, sort_keys=True))
-        os.replace(path.with_suffix(".tmp"), path)
-
-    def call(self, name: str, command: list[str], visible: str | None = None) -> None:
-        env = dict(self.env)
-        if visible is not None:
-            env["CUDA_VISIBLE_DEVICES"] = visible
-        print(f"\n=== {name}: {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.results["steps"][name] = {"seconds": round(time.perf_counter() - started, 1), "rc": done.returncode}
-        self.save()
-        print(done.stdout[-3000:], flush=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{name} failed with rc {done.returncode}")
+    def run_command(self, name: str, command: list[str], visible: str | None = None) -> None:
+        """``call`` from the repository, multicast off, on the GPUs ``visible`` names (default: all)."""
+        env = self.env if visible is None else {**self.env, "CUDA_VISIBLE_DEVICES": visible}
+        self.call(name, command, cwd=REPO, env=env)
 
     def samlight(self, *argv: str) -> list[str]:
         return [sys.executable, "-m", "samlight.cli", "--log-level", "WARNING", *argv]
@@ -103,11 +90,11 @@ class Run:
                 "--out", str(out), "--no-progress", "--encoder-steps", str(self.args.steps), "--decoder-steps", "0",
                 "--batch-size", str(batch_size), "--num-workers", str(self.args.num_workers)]
         if gpus == 1:
-            self.call(name, self.samlight(*argv), visible="0")
+            self.run_command(name, self.samlight(*argv), visible="0")
         else:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
-            self.call(name, torchrun + ["-m", "samlight.cli", "--log-level", "WARNING", *argv],
-                      visible=",".join(map(str, range(gpus))))
+            self.run_command(name, torchrun + ["-m", "samlight.cli", "--log-level", "WARNING", *argv],
+                             visible=",".join(map(str, range(gpus))))
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     def phase_distill(self) -> None:
@@ -136,12 +123,12 @@ class Run:
 
     def load_on_one_gpu(self, student: Path) -> None:
         image = sorted((self.args.data / "val2017").glob("*.jpg"))[0]
-        self.call("verify_checkpoint", self.samlight("weights", "verify", str(student)), visible="0")
+        self.run_command("verify_checkpoint", self.samlight("weights", "verify", str(student)), visible="0")
         mask = self.args.out / "multigpu_checkpoint_mask.png"
-        self.call("predict_one_gpu", self.samlight("predict", "--checkpoint", str(student), "--image", str(image),
-                                                   "--box", "100,100,400,300", "--out", str(mask),
-                                                   "--device", "cpu" if self.args.cpu_dry_run else "cuda:0"),
-                  visible="0")
+        device = "cpu" if self.args.cpu_dry_run else "cuda:0"
+        self.run_command("predict_one_gpu", self.samlight(
+            "predict", "--checkpoint", str(student), "--image", str(image), "--box", "100,100,400,300",
+            "--out", str(mask), "--device", device), visible="0")
         self.results["checkpoint_on_one_gpu"] = {"student": str(student), "image": image.name,
                                                  "mask_png_bytes": mask.stat().st_size}
         self.save()
@@ -174,7 +161,7 @@ class Run:
         serve: dict = {}
         for workers, gpus in ((1, self.device_ids[0]), (self.gpus, ",".join(self.device_ids))):
             report = self.args.work / f"loadtest-{workers}workers.json"
-            self.call(f"loadtest_{workers}workers", [
+            self.run_command(f"loadtest_{workers}workers", [
                 sys.executable, "bench/loadtest.py", "--spawn", "--python", sys.executable,
                 "--redis-server", self.args.redis_server, "--images", str(images), "--random", self.args.student,
                 "--max-images", "80", "--deadline-ms", "5000", "--duration", str(self.args.duration),
@@ -192,18 +179,9 @@ class Run:
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = Run(args)
-    failed = []
-    for phase in [p.strip() for p in args.phases.split(",") if p.strip()]:
-        try:
-            getattr(run, f"phase_{phase}")()
-        except Exception as error:  # the other phase does not depend on this one
-            failed.append(phase)
-            run.results.setdefault("errors", {})[phase] = repr(error)
-            print(f"phase {phase} failed: {error!r}", flush=True)
-    run.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    run.save()
+    status = run.run_phases(args.phases)
     print(json.dumps({k: run.results.get(k) for k in ("distill", "checkpoint_on_one_gpu", "errors")}, indent=1)[:4000])
-    return 1 if failed else 0
+    return status
 
 
 if __name__ == "__main__":
