@@ -8,12 +8,14 @@ Result (``execute``'s dict)::
 
     {"width": W, "height": H,              # the EXIF-corrected image size the mask has
      "rle_base64": "...",                  # Label Studio brush RLE of the uint8 0/255 mask, base64 (absent for
-                                           # prewarm); backend.rle.rle_from_base64 gives Label Studio's list
+                                           # prewarm; a noisy mask's RLE is 100k+ bytes, which as a JSON list
+                                           # of ints costs ~15 ms to write and read back); backend.rle.
+                                           # rle_from_base64 gives Label Studio's list
      "score": 0.93,                        # the decoder's predicted IoU of the chosen mask
      "area": 12345,                        # mask pixels
      "model_version": "...", "image_key": "url:...",
      "cached": true,                       # the embedding was already cached (no fetch, no encoder)
-     "timings_ms": {"fetch": .., "embed": .., "decode": .., "rle": ..}}
+     "timings_ms": {"fetch": .., "embed": .., "mask": ..}}   # mask: prompt -> RLE bytes on the host
 
 Failures raise ``JobError`` (``status`` = the HTTP status for the backend's answer); ``run_job`` returns
 ``{"error": message, "status": code}`` instead, for callers that ship results as JSON.
@@ -21,6 +23,7 @@ Failures raise ``JobError`` (``status`` = the HTTP status for the backend's answ
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +32,6 @@ import numpy as np
 
 from backend.images import ImageFetcher
 from backend.errors import StatusError
-from backend.rle import mask_to_rle_base64
 
 if TYPE_CHECKING:  # the request path must not import torch when jobs run on workers
     from samlight.predictor import Predictor
@@ -135,17 +137,13 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
                                                                   and len(points) == 1)
     start = time.perf_counter()
     try:
-        prediction = predictor.predict_embedding(embedding, point_coords=points, point_labels=labels, box=box,
-                                                 multimask_output=multimask)
+        prediction = predictor.predict_brush(embedding, point_coords=points, point_labels=labels, box=box,
+                                             multimask_output=multimask)
     except ValueError as error:
         raise JobError(f"bad prompt: {error}") from None
-    best = int(np.argmax(prediction.scores))
-    mask = prediction.masks[best]
-    timings["decode"] = (time.perf_counter() - start) * 1000
-    start = time.perf_counter()
-    result["rle_base64"] = mask_to_rle_base64(mask)
-    timings["rle"] = (time.perf_counter() - start) * 1000
-    result.update(score=float(prediction.scores[best]), area=int(mask.sum()), timings_ms=timings)
+    timings["mask"] = (time.perf_counter() - start) * 1000
+    result.update(rle_base64=base64.b64encode(prediction.rle).decode("ascii"), score=prediction.score,
+                  area=prediction.area, timings_ms=timings)
     return result
 
 

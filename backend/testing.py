@@ -23,9 +23,10 @@ class GeometryEmbedding:
 
 
 @dataclass
-class GeometryPrediction:
-    masks: np.ndarray
-    scores: np.ndarray
+class GeometryPrediction:  # the fields of samlight.predictor.BrushPrediction
+    rle: bytes
+    score: float
+    area: int
 
 
 class _Cache:
@@ -75,8 +76,10 @@ class GeometryPredictor:
     def is_cached(self, key: str) -> bool:
         return key in self.cache
 
-    def predict_embedding(self, embedding: GeometryEmbedding, point_coords=None, point_labels=None, box=None,
-                          multimask_output: bool = False, **_) -> GeometryPrediction:
+    def predict_brush(self, embedding: GeometryEmbedding, point_coords=None, point_labels=None, box=None,
+                      multimask_output: bool = False) -> GeometryPrediction:
+        from samlight.brush_rle import mask_to_rle_bytes
+
         height, width = embedding.original_size
         if point_coords is None and box is None:
             raise ValueError("give at least one prompt: points or a box")
@@ -90,4 +93,4 @@ class GeometryPredictor:
             for (x, y), label in zip(np.asarray(point_coords, float).reshape(-1, 2), np.asarray(point_labels).ravel()):
                 disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
                 mask = mask | disc if label == 1 and box is None else (mask & ~disc if label == 0 else mask)
-        return GeometryPrediction(mask[None], np.array([1.0]))
+        return GeometryPrediction(mask_to_rle_bytes(mask), 1.0, int(mask.sum()))

@@ -2,7 +2,8 @@
 
 Starts redis-server and one inference worker (``--gpu``), then times the same cached click three ways:
 
-1. ``worker``: the worker's own decode and RLE time (the job result's ``timings_ms``);
+1. ``worker``: the worker's own prompt -> brush RLE time (the job result's ``timings_ms["mask"]``: decoder,
+   upsampling, RLE on the device, the bytes copied to the host);
 2. ``rq``: ``RQSegmenter.segment`` from this process: enqueue, worker pick-up, compute, result back;
 3. ``flask``: ``POST /predict`` through the backend app in process (Label Studio's JSON in and out, no socket).
 
@@ -110,13 +111,12 @@ def main(argv=None) -> int:
 
         for i in range(5):  # the first click embeds the image; the rest warm the decoder's graph
             segmenter.segment([job(i)])
-        rq_ms, decode_ms, rle_ms, rle_bytes = [], [], [], []
+        rq_ms, mask_ms, rle_bytes = [], [], []
         for i in range(args.clicks):
             started = time.perf_counter()
             result = segmenter.segment([job(i)])[0]
             rq_ms.append((time.perf_counter() - started) * 1000)
-            decode_ms.append(result["timings_ms"]["decode"])
-            rle_ms.append(result["timings_ms"]["rle"])
+            mask_ms.append(result["timings_ms"]["mask"])
         client = create_app(segmenter=segmenter).test_client()
         flask_ms = []
         for i in range(args.clicks):
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             process.wait(timeout=30)
 
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(args),
-              "p50_ms": {"worker_decode": p50(decode_ms), "worker_rle": p50(rle_ms), "rq_round_trip": p50(rq_ms),
+              "p50_ms": {"worker_mask": p50(mask_ms), "rq_round_trip": p50(rq_ms),
                          "flask_predict": p50(flask_ms)},
               "rle_bytes_median": statistics.median(rle_bytes)}
     try:
@@ -143,8 +143,7 @@ def main(argv=None) -> int:
         report["device"] = "unknown"
     p = report["p50_ms"]
     print(f"{'stage (cached click, p50)':34s} ms")
-    print(f"{'worker: decode':34s} {p['worker_decode']:8.2f}")
-    print(f"{'worker: brush RLE':34s} {p['worker_rle']:8.2f}")
+    print(f"{'worker: prompt -> brush RLE':34s} {p['worker_mask']:8.2f}")
     print(f"{'RQ round trip (incl. the above)':34s} {p['rq_round_trip']:8.2f}")
     print(f"{'backend /predict in process':34s} {p['flask_predict']:8.2f}")
     print(f"median brush RLE: {report['rle_bytes_median']} bytes; device {report['device']}")

@@ -19,6 +19,7 @@ from PIL import Image
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from samlight.brush_rle import mask_to_rle_bytes
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
 from samlight.fast_decoder import GraphedPromptDecoder
 from samlight.fast_encoder import GraphedEncoder
@@ -33,6 +34,15 @@ class Prediction:
     masks: np.ndarray  # bool, (C, H, W), or (K, C, H, W) for K prompts
     scores: np.ndarray  # predicted IoU, (C,) or (K, C)
     low_res_logits: np.ndarray  # (C, 256, 256) or (K, C, 256, 256)
+
+
+@dataclass
+class BrushPrediction:
+    """The best candidate of one prompt, ready for Label Studio."""
+
+    rle: bytes  # brush RLE of the uint8 0/255 mask at the original size (samlight.brush_rle)
+    score: float  # the decoder's predicted IoU
+    area: int  # mask pixels
 
 
 def image_key(image: np.ndarray) -> str:
@@ -157,8 +167,40 @@ class Predictor:
             result = Prediction(result.masks[0], result.scores[0], result.low_res_logits[0])
         return result
 
+    @torch.inference_mode()
+    def predict_brush(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        multimask_output: bool = True,
+    ) -> BrushPrediction:
+        """The best-scoring mask of one prompt as brush RLE, chosen, upsampled and encoded on the device.
+
+        What a click needs: only the winner is upsampled to the image size, and only its RLE bytes cross
+        to the host (``predict_embedding`` copies every candidate and the low-res logits).
+        """
+        points, labels, boxes, batched = validate_prompts(point_coords, point_labels, box, embedding.original_size)
+        if batched:
+            raise ValueError("predict_brush takes one prompt (points (P, 2) and/or a box (4,))")
+        low_res, iou = self._low_res(embedding, points, labels, boxes, None, multimask_output)
+        best = iou[0].argmax().view(1)
+        logits = self.model.postprocess_masks(low_res[0].index_select(0, best)[None], embedding.input_size,
+                                              embedding.original_size)
+        mask = logits[0, 0] > self.model.mask_threshold
+        rle = mask_to_rle_bytes(mask)
+        score, area = torch.stack([iou[0].index_select(0, best)[0], mask.sum().float()]).tolist()
+        return BrushPrediction(rle, score, int(area))
+
     def _decode(self, embedding, points, labels, boxes, mask_input, multimask_output):
         """Mask logits at the original size, scores and low-res logits, all still on the device."""
+        low_res, iou = self._low_res(embedding, points, labels, boxes, mask_input, multimask_output)
+        masks = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+        return masks, iou, low_res
+
+    def _low_res(self, embedding, points, labels, boxes, mask_input, multimask_output):
+        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C), on the device."""
         size = embedding.original_size
         to_tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
         coords = to_tensor(self.transform.apply_coords(points, size)) if points is not None else None
@@ -182,8 +224,7 @@ class Predictor:
                     multimask_output=multimask_output,
                 )
             low_res, iou = low_res.float(), iou.float()
-        masks = self.model.postprocess_masks(low_res, embedding.input_size, size)
-        return masks, iou, low_res
+        return low_res, iou
 
     # --- SamPredictor-style convenience ---------------------------------------------------------
 

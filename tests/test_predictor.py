@@ -63,6 +63,24 @@ def test_batched_prompts_equal_one_by_one(predictor, photo):
         assert (single.masks == batched.masks[i]).mean() > 0.999
 
 
+@pytest.mark.parametrize("prompt", [{"point_coords": np.array([[320.0, 240.0]]), "point_labels": np.array([1])},
+                                    {"box": np.array([40.0, 30.0, 500.0, 420.0]), "multimask_output": False}])
+def test_predict_brush_is_the_best_candidate_encoded(predictor, photo, prompt):
+    """The click path (best candidate chosen, upsampled and encoded on the device) equals choosing from
+    ``predict_embedding``'s full output."""
+    from backend.rle import rle_to_mask
+
+    emb = predictor.embed(photo)
+    full = predictor.predict_embedding(emb, **prompt)
+    brush = predictor.predict_brush(emb, **prompt)
+    best = int(np.argmax(full.scores))
+    h, w = photo.shape[:2]
+    assert np.array_equal(rle_to_mask(list(brush.rle), h, w) > 0, full.masks[best])
+    assert brush.score == pytest.approx(float(full.scores[best])) and brush.area == int(full.masks[best].sum())
+    with pytest.raises(ValueError, match="one prompt"):
+        predictor.predict_brush(emb, box=np.array([[10.0, 10.0, 50.0, 50.0]] * 2))
+
+
 def test_embedding_cache_hits_and_bounds(test_student, coco_val_images):
     cache = EmbeddingCache(max_entries=2)
     predictor = Predictor(test_student, device="cpu", cache=cache)

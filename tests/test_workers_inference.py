@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
 from backend.images import ImageFetcher
@@ -79,6 +81,15 @@ def test_click_round_trip(fleet):
     info = subprocess.run([sys.executable, "-m", "rq.cli", "info", "-u", fleet["redis"].url],
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0 and "samlight-infer" in info.stdout and "w1" in info.stdout, info.stdout + info.stderr
+    # the answer came on its reply list (consumed); RQ's result keeps a summary without the mask, so
+    # Redis does not hold every click's RLE for result_ttl
+    assert not segmenter.redis.keys("samlight:reply:*")
+    summaries = [Job.fetch(key.decode().rsplit(":", 1)[-1], connection=segmenter.redis,
+                           serializer=JSONSerializer).return_value()
+                 for key in segmenter.redis.keys("rq:results:click-*")]
+    summaries = [s for s in summaries if s and "error" not in s]
+    assert summaries and all("rle_base64" not in s and s["replied_to"].startswith("samlight:reply:click-")
+                             and "score" in s for s in summaries), summaries
 
 
 def test_routing_reuses_embeddings_across_workers(fleet):

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from _workers_support import REPO, ImageServer, start_inference_worker, stop, wait_for_workers, worker_env
 from backend.images import ImageFetcher
 from backend.jobs import SegmentJob
-from backend.rle import mask_to_rle
+from samlight.brush_rle import mask_to_rle
 from workers.client import RQSegmenter, correction_sink
 from workers.registry import ModelRegistry
 from workers.training import brush_masks, split

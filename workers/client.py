@@ -1,9 +1,10 @@
 """The backend's side of the RQ path: ``RQSegmenter`` (the backend's ``Segmenter`` protocol over Redis).
 
-Each prediction becomes an RQ job (JSON serializer) carrying its deadline; the backend waits on the jobs'
-RQ result streams with ``XREAD BLOCK <ms>`` (``Job.latest_result`` only takes whole seconds), so a click
-gets its answer or a clean error within ``deadline_ms``. Jobs carry an RQ ``ttl`` and the deadline in
-their payload, so a click nobody waits for any more is dropped before it reaches the model.
+Each prediction becomes an RQ job (JSON serializer) carrying its deadline and a reply key; the worker
+pushes the answer onto that list as soon as it is computed, before RQ's own bookkeeping, and the backend
+waits on the lists with ``BLPOP`` (sub-second timeouts), so a click gets its answer or a clean error within
+``deadline_ms``. Jobs carry an RQ ``ttl`` and the deadline in their payload, so a click nobody waits for
+any more is dropped before it reaches the model.
 
 Routing (embedding reuse across the fleet): ``route:<image key> -> worker`` (TTL, refreshed by the worker
 that embeds the image). A prewarm or click for an image goes to its worker's own queue while that worker is
@@ -26,7 +27,6 @@ import uuid
 
 from rq import Queue
 from rq.job import Job
-from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from workers.registry import ModelRegistry
@@ -138,57 +138,61 @@ class RQSegmenter:
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def _submit(self, jobs, kind: str, deadline_ms: int) -> tuple[list[str], float]:
+    def _submit(self, jobs, kind: str, deadline_ms: int, reply: bool) -> tuple[list[str], float]:
+        """Enqueue one RQ job per segment job; with ``reply`` each names the list its answer goes to."""
         import redis
 
         deadline = time.monotonic() + deadline_ms / 1000
         wall_deadline = time.time() + deadline_ms / 1000
+        ids = [f"{kind}-{uuid.uuid4().hex}" for _ in jobs]
         payloads = [{"job": job_to_dict(j), "kind": kind, "deadline": wall_deadline} for j in jobs]
+        if reply:
+            for job_id, payload in zip(ids, payloads):
+                payload["reply_to"] = self.settings.keys.reply(job_id)
         ttl_s = max(1, math.ceil(deadline_ms / 1000))
         try:
             queues, _ = self._queues_for(payloads)
-            ids = []
             with self.redis.pipeline() as pipe:
-                for payload, queue in zip(payloads, queues):
-                    job_id = f"{kind}-{uuid.uuid4().hex}"
+                for job_id, payload, queue in zip(ids, payloads, queues):
                     queue.enqueue(SEGMENT_FUNC, kwargs={"payload": payload}, job_id=job_id, ttl=ttl_s,
                                   result_ttl=60, failure_ttl=300, job_timeout=ttl_s + 30,
                                   description=f"{kind} {payload['job'].get('image_url')}", pipeline=pipe)
-                    ids.append(job_id)
                 pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
         return ids, deadline
 
-    def _wait(self, ids: list[str], deadline: float) -> dict[str, Result]:
+    def _wait(self, ids: list[str], deadline: float) -> dict[str, dict]:
+        """The answers that arrive on the jobs' reply lists before ``deadline``."""
         import redis
 
-        pending = {Result.get_key(job_id): job_id for job_id in ids}
-        found: dict[str, Result] = {}
+        pending = {self.settings.keys.reply(job_id): job_id for job_id in ids}
+        found: dict[str, dict] = {}
         try:
             while pending:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
                     break
-                response = self.wait_redis.xread({key: "0-0" for key in pending}, block=remaining_ms)
-                for stream, entries in response or []:
-                    stream = stream.decode() if isinstance(stream, bytes) else stream
-                    job_id = pending.pop(stream, None)
-                    if job_id is None or not entries:
-                        continue
-                    entry_id, payload = entries[-1]
-                    found[job_id] = Result.restore(job_id, entry_id.decode(), payload, connection=self.redis,
-                                                   serializer=JSONSerializer)
+                # BLPOP's timeout 0 means forever: never ask for less than a millisecond
+                popped = self.wait_redis.blpop(list(pending), timeout=max(remaining_s, 0.001))
+                if popped is None:
+                    break
+                key, body = popped
+                job_id = pending.pop(key.decode())
+                try:
+                    found[job_id] = json.loads(body)
+                except ValueError:
+                    found[job_id] = {"error": "the inference worker sent an unreadable answer", "status": 500}
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
         return found
 
     def _cancel(self, ids: list[str]) -> None:
-        """Forget jobs nobody waits for (those already started finish and their results expire)."""
+        """Forget jobs nobody waits for (those already started finish and their replies expire)."""
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.delete(Job.key_for(job_id))
+                    pipe.delete(Job.key_for(job_id), self.settings.keys.reply(job_id))
                 pipe.execute()
         except Exception:
             pass
@@ -199,7 +203,7 @@ class RQSegmenter:
         if not jobs:
             return []
         deadline_ms = deadline_ms or (self.settings.deadline_ms if kind == "click" else self.settings.prewarm_deadline_ms)
-        ids, deadline = self._submit(jobs, kind, deadline_ms)
+        ids, deadline = self._submit(jobs, kind, deadline_ms, reply=True)
         found = self._wait(ids, deadline)
         missing = [job_id for job_id in ids if job_id not in found]
         timeout_error = None
@@ -212,17 +216,7 @@ class RQSegmenter:
                 who = "Redis unreachable"
             timeout_error = {"error": f"no answer from the inference workers within {deadline_ms} ms for "
                                       f"{len(missing)} of {len(ids)} job(s) ({who})", "status": 504}
-        results = []
-        for job_id in ids:
-            result = found.get(job_id)
-            if result is None:
-                results.append(dict(timeout_error))
-            elif result.type == Result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
-                results.append(result.return_value)
-            else:
-                last = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
-                results.append({"error": f"inference worker failed: {last[0]}", "status": 500})
-        return results
+        return [found[job_id] if job_id in found else dict(timeout_error) for job_id in ids]
 
     # Segmenter protocol
 
@@ -243,7 +237,7 @@ class RQSegmenter:
             warm.append(data)
         if warm:
             try:
-                self._submit(warm, "prewarm", self.settings.prewarm_deadline_ms)
+                self._submit(warm, "prewarm", self.settings.prewarm_deadline_ms, reply=False)
             except SegmenterUnavailable as error:
                 log.warning("prewarm skipped: %s", error)
 

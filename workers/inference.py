@@ -4,7 +4,9 @@ An RQ ``SimpleWorker`` (jobs run in this process: no fork after CUDA init, the m
 ``bootstrap()``), JSON serializer (never pickle). It listens on its own queue first (clicks routed to it
 because it holds their image's embedding) and on the shared queue. Before running a job it drains what
 is already queued (up to ``--max-batch``) and computes all of them in one pass: one batched encoder call
-for the new images, then the prompts. ``rq info`` lists these workers and queues like any others.
+for the new images, then the prompts. Each click's answer goes straight onto its reply list (the backend
+BLPOPs it) before RQ records the jobs as finished. ``rq info`` lists these workers and queues like any
+others.
 """
 
 from __future__ import annotations
@@ -50,12 +52,9 @@ class InferenceWorker(SimpleWorker):
             if more is None:
                 break
             batch.append(more)
-        try:
-            self.runtime.run_batch([j for j, _ in batch])
-        except Exception as error:  # a model failure fails these jobs, not the worker
-            log.exception("batch of %d failed", len(batch))
-            for j, _ in batch:
-                self.runtime._results[j.id] = {"error": f"inference failed: {error}", "status": 500}
+        jobs = [j for j, _ in batch]
+        self.runtime.run_batch(jobs)
+        self.runtime.publish_replies(jobs)  # answers first, RQ's bookkeeping after
         for j, q in batch:
             super().execute_job(j, q)
 

@@ -231,6 +231,10 @@ class InferenceRuntime:
         self.busy = len(jobs)
         try:
             self._run_batch(jobs)
+        except Exception as error:  # a model failure fails these jobs, not the worker
+            log.exception("batch of %d failed", len(jobs))
+            for job in jobs:
+                self._results[job.id] = {"error": f"inference failed: {error}", "status": 500}
         finally:
             self.busy = 0
 
@@ -294,6 +298,30 @@ class InferenceRuntime:
                 pipe.execute()
         except Exception:
             pass
+
+    def publish_replies(self, jobs: list) -> None:
+        """Push each waited-for result onto its reply list (``payload["reply_to"]``) right away.
+
+        The backend BLPOPs these, so a click's answer does not wait for RQ's bookkeeping of the batch
+        (about 20 Redis round trips per job). RQ then records a summary without the mask: its result
+        stream would otherwise hold every click's RLE for ``result_ttl``.
+        """
+        replies = [(job.id, (job.kwargs.get("payload") or {}).get("reply_to")) for job in jobs]
+        replies = [(job_id, key) for job_id, key in replies if isinstance(key, str) and job_id in self._results]
+        if not replies:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, key in replies:
+                    pipe.rpush(key, json.dumps(self._results[job_id]))
+                    pipe.expire(key, self.settings.reply_ttl_s)
+                pipe.execute()
+        except Exception as error:  # the RQ result still carries the whole answer
+            log.warning("could not publish %d replies: %s", len(replies), error)
+            return
+        for job_id, key in replies:
+            summary = {k: v for k, v in self._results[job_id].items() if k != "rle_base64"}
+            self._results[job_id] = dict(summary, replied_to=key)
 
     def take_result(self, job_id: str) -> dict:
         result = self._results.pop(job_id, None)

@@ -41,6 +41,9 @@ class Keys:
     def heartbeats(self) -> str:  # sorted set worker -> last heartbeat (ms since epoch)
         return f"{self.prefix}:infer:heartbeats"
 
+    def reply(self, job_id: str) -> str:  # list the worker pushes a click's result onto (the backend BLPOPs)
+        return f"{self.prefix}:reply:{job_id}"
+
     def image_route(self, image_key: str) -> str:
         return f"{self.prefix}:route:{image_key}"
 
@@ -90,6 +93,7 @@ class WorkerSettings:
     max_batch: int = 8  # jobs a worker drains into one model call
     cache_entries: int = 256  # embeddings a worker keeps (a 1024² image's is 4 MB)
     route_ttl_s: int = 600  # how long an image -> worker route is trusted
+    reply_ttl_s: int = 60  # a click's reply list outlives a backend that stopped waiting this long
     alive_ttl_ms: int = 1500  # worker liveness key; heartbeat every third of it
     train_every_hours: float = 0.0  # 0 = no time-based schedule
     train_after_corrections: int = 0  # 0 = no count-based trigger
