@@ -10,7 +10,7 @@
 set -euo pipefail
 OUT_DIR=${1:?usage: bench/multigpu.sh OUT COCO_TINY REDIS_SERVER [flags]}
 DATA=${2:?usage: bench/multigpu.sh OUT COCO_TINY REDIS_SERVER [flags]}
-REDIS_SERVER=$(realpath "${3:?usage: bench/multigpu.sh OUT COCO_TINY REDIS_SERVER [flags]}")
+REDIS_SERVER=$(realpath -s "${3:?usage: bench/multigpu.sh OUT COCO_TINY REDIS_SERVER [flags]}")
 shift 3
 PYTHON=${PYTHON:-python3}
 # NVLink multicast off, also for every process started from here

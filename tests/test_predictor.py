@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -65,11 +66,13 @@ def test_batched_prompts_equal_one_by_one(predictor, photo):
 
 @pytest.mark.parametrize("prompt", [{"point_coords": np.array([[320.0, 240.0]]), "point_labels": np.array([1])},
                                     {"box": np.array([40.0, 30.0, 500.0, 420.0]), "multimask_output": False}])
-def test_predict_brush_is_the_best_candidate_encoded(predictor, photo, prompt):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_predict_brush_is_the_best_candidate_encoded(test_student, photo, prompt, device):
     """The click path (best candidate chosen, upsampled and encoded on the device) equals choosing from
     ``predict_embedding``'s full output."""
     from backend.rle import rle_to_mask
 
+    predictor = Predictor(copy.deepcopy(test_student), device=device)
     emb = predictor.embed(photo)
     full = predictor.predict_embedding(emb, **prompt)
     brush = predictor.predict_brush(emb, **prompt)
