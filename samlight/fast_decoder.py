@@ -65,15 +65,18 @@ class GraphedPromptDecoder:
     def _capture(self, signature: Signature, features: torch.Tensor):
         prompts, points, has_box, multimask = signature
         device = features.device
+        # every tensor the graph reads from outside its own pool lives here, as long as the graph: the graph
+        # holds raw addresses, and a freed input's memory would be handed to other tensors
         static = {
             "features": torch.zeros_like(features),
+            # depends on the weights alone: computed once, outside the graph
+            "dense_pe": self.model.prompt_encoder.get_dense_pe(),
             "coords": torch.zeros(prompts, points, 2, device=device) if points else None,
             "labels": torch.ones(prompts, points, device=device, dtype=torch.int) if points else None,
             "boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device).repeat(prompts, 1) if has_box else None,
         }
-        # depends on the weights alone: computed once, outside the graph
-        dense_pe = self.model.prompt_encoder.get_dense_pe()
-        args = (static["features"], dense_pe, static["coords"], static["labels"], static["boxes"], multimask)
+        args = (static["features"], static["dense_pe"], static["coords"], static["labels"], static["boxes"],
+                multimask)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -21,3 +23,54 @@ def test_graph_safe_prompt_embedding_equals_segment_anything(test_student, with_
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         assert torch.allclose(a, e, atol=1e-6)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _churn(like: torch.Tensor) -> None:
+    """Allocate and free NaN-filled blocks of a graph input's size: a graph that reads memory it does not own
+    (a freed input) then reads NaN."""
+    junk = [torch.full_like(like, float("nan")) for _ in range(8)]
+    del junk
+
+
+@needs_cuda
+def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
+    from samlight.fast_decoder import GraphedPromptDecoder
+
+    model = copy.deepcopy(test_student).cuda().eval()
+    graphed = GraphedPromptDecoder(model, autocast=False)
+    height, width = model.prompt_encoder.image_embedding_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(4):
+        features = torch.randn(1, 256, height, width, device="cuda", generator=g)
+        coords = torch.rand(1, 2, 2, device="cuda", generator=g) * model.image_encoder.img_size
+        labels = torch.tensor([[1, 0]], device="cuda", dtype=torch.int)
+        low_res, iou = graphed(features, coords, labels, None, True)
+        _churn(model.prompt_encoder.get_dense_pe())
+        with torch.inference_mode():
+            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            expected_low, expected_iou = model.mask_decoder(
+                image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        assert torch.allclose(low_res, expected_low, atol=1e-3), step
+        assert torch.allclose(iou, expected_iou, atol=1e-4), step
+
+
+@needs_cuda
+def test_graphed_encoder_replays_equal_eager_after_memory_churn(test_student):
+    from samlight.fast_encoder import GraphedEncoder
+
+    encoder = copy.deepcopy(test_student.image_encoder).cuda().eval()
+    graphed = GraphedEncoder(copy.deepcopy(encoder), dtype=torch.float32)
+    size = encoder.img_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(4):
+        x = torch.randn(1, 3, size, size, device="cuda", generator=g)
+        actual = graphed(x)
+        _churn(x)
+        _churn(actual)
+        with torch.inference_mode():
+            expected = encoder(x)
+        assert torch.allclose(actual, expected, atol=1e-3), step
