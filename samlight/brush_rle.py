@@ -11,6 +11,8 @@ written as RGBA (each pixel value four times), as Label Studio's brush expects.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -26,12 +28,11 @@ def mask_to_rle_bytes(mask: torch.Tensor | np.ndarray) -> bytes:
         raise ValueError(f"mask must be 2-D, got shape {tuple(mask.shape)}")
     if mask.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
-    flat = mask.flatten()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8) * 255
-    lengths, values = runs(flat)
+    lengths, values = runs(mask.flatten())
+    if mask.dtype == torch.bool:
+        values = values * 255
     # RGBA: every pixel value is written four times, so every run is four times as long
-    return encode_runs(lengths * 4, values, flat.numel() * 4).cpu().numpy().tobytes()
+    return encode_runs(lengths * 4, values, mask.numel() * 4).cpu().numpy().tobytes()
 
 
 def mask_to_rle(mask: torch.Tensor | np.ndarray) -> list[int]:
@@ -41,7 +42,7 @@ def mask_to_rle(mask: torch.Tensor | np.ndarray) -> list[int]:
 
 def encode_values(flat: torch.Tensor | np.ndarray) -> list[int]:
     """The sdk's ``encode_rle(flat)`` for uint8 values with the default sizes."""
-    flat = torch.as_tensor(flat).flatten().long()
+    flat = torch.as_tensor(flat).flatten()
     lengths, values = runs(flat)
     return list(encode_runs(lengths, values, flat.numel()).cpu().numpy().tobytes())
 
@@ -51,48 +52,53 @@ def runs(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if flat.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=flat.device)
         return empty, empty
-    last = torch.tensor([flat.numel() - 1], device=flat.device)
-    ends = torch.cat([torch.nonzero(flat[1:] != flat[:-1]).flatten(), last])
-    lengths = torch.diff(ends, prepend=torch.tensor([-1], device=flat.device))
+    ends = torch.cat([torch.nonzero(flat[1:] != flat[:-1]).flatten(), flat.new_full((1,), flat.numel() - 1,
+                                                                                  dtype=torch.int64)])
+    lengths = torch.diff(ends, prepend=ends.new_full((1,), -1))
     return lengths, flat[ends].long()
 
 
-def encode_runs(lengths: torch.Tensor, run_values: torch.Tensor, total: int) -> torch.Tensor:
-    """RLE bytes (uint8 tensor) of ``total`` values given as runs of equal values, default sizes."""
-    device = lengths.device
-    # runs longer than 256 use the 16-bit field: full 65536-chunks first, then the remainder
-    long_run = lengths > 256
-    full_chunks = torch.where(long_run, (lengths - 1) // MAX_RUN, 0)
-    pieces = full_chunks + 1
-    piece_count = int(pieces.sum()) if lengths.numel() else 0
-    if piece_count != lengths.numel():
-        index_in_run = torch.arange(piece_count, device=device) - torch.repeat_interleave(
-            torch.cumsum(pieces, 0) - pieces, pieces, output_size=piece_count)
-        is_last = index_in_run == torch.repeat_interleave(full_chunks, pieces, output_size=piece_count)
-        remainder = torch.repeat_interleave(lengths - full_chunks * MAX_RUN, pieces, output_size=piece_count)
-        lengths = torch.where(is_last, remainder, MAX_RUN)
-        run_values = torch.repeat_interleave(run_values, pieces, output_size=piece_count)
-        long_run = torch.repeat_interleave(long_run, pieces, output_size=piece_count)
+@functools.lru_cache(maxsize=None)
+def _field_widths(device: torch.device) -> torch.Tensor:
+    return torch.tensor(RLE_SIZES, device=device)
 
-    size_index = torch.where(lengths <= 8, 0, torch.where(lengths <= 16, 1, torch.where(lengths <= 256, 2, 3)))
-    size_index = torch.where(long_run, 3, size_index)
+
+def encode_runs(lengths: torch.Tensor, run_values: torch.Tensor, total: int) -> torch.Tensor:
+    """RLE bytes (uint8 tensor) of ``total`` values given as runs of equal values, default sizes.
+
+    One host sync (two counts) besides the caller's: on the GPU every sync waits for the queue to drain.
+    """
+    device = lengths.device
+    long_run = lengths > 256  # the 16-bit field, in full 65536-chunks first, then the remainder
+    size_index = (lengths > 8).long() + (lengths > 16) + long_run  # field sizes 3, 4, 8, 16 bits
+    length_width = _field_widths(device)[size_index]
+    full_chunks = torch.div(lengths - 1, MAX_RUN, rounding_mode="floor") * long_run
+    run_bits = (full_chunks + 1) * (3 + length_width + WORD)  # every piece of a long run is 27 bits
+    piece_count, code_bits = torch.stack([full_chunks.sum(), run_bits.sum()]).tolist() if lengths.numel() else (0, 0)
+    piece_count += lengths.numel()
+    if piece_count != lengths.numel():
+        pieces = full_chunks + 1
+        split = functools.partial(torch.repeat_interleave, repeats=pieces, output_size=piece_count)
+        index_in_run = torch.arange(piece_count, device=device) - split(torch.cumsum(pieces, 0) - pieces)
+        is_last = index_in_run == split(full_chunks)
+        lengths = torch.where(is_last, split(lengths - full_chunks * MAX_RUN), MAX_RUN)
+        run_values, long_run, size_index, length_width = (split(t) for t in (run_values, long_run, size_index,
+                                                                             length_width))
+
     # a run of one is a literal block of one value (flag 0, index 0, 3-bit length 0); the tail of a long
     # run stays a repeat even when it is one value long
-    single = (lengths == 1) & ~long_run
-    flag = (~single).long()
-    size_index = torch.where(single, 0, size_index)
-    length_width = torch.tensor(RLE_SIZES, device=device)[size_index]
+    flag = ((lengths != 1) | long_run).long()
     code = (((flag << 2 | size_index) << length_width | (lengths - 1)) << WORD) | run_values
 
     header_values = torch.tensor([total, WORD - 1, *(s - 1 for s in RLE_SIZES)], device=device)
     header_widths = torch.tensor([32, 5, 4, 4, 4, 4], device=device)
-    return pack_fields(torch.cat([header_values, code]), torch.cat([header_widths, 3 + length_width + WORD]))
+    return pack_fields(torch.cat([header_values, code]), torch.cat([header_widths, 3 + length_width + WORD]),
+                       total_bits=53 + int(code_bits))
 
 
-def pack_fields(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Concatenate each value's low ``width`` bits (most significant first, widths <= 32) and pad with 1-8 zero
-    bits to whole bytes, as the sdk does (a whole zero byte when already aligned)."""
-    total_bits = int(widths.sum())
+def pack_fields(values: torch.Tensor, widths: torch.Tensor, total_bits: int) -> torch.Tensor:
+    """Concatenate each value's low ``width`` bits (most significant first, widths <= 32; ``total_bits`` their
+    sum) and pad with 1-8 zero bits to whole bytes, as the sdk does (a whole zero byte when already aligned)."""
     offsets = torch.cumsum(widths, 0) - widths
     word, start = offsets // 32, offsets % 32
     end = start + widths  # a field ends at most 31 bits into the next 32-bit word
@@ -100,10 +106,8 @@ def pack_fields(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     values = values & ((1 << widths) - 1)
     high = (values << (32 - end).clamp(min=0)) >> spill  # the part in its first word
     low = (values & ((1 << spill) - 1)) << (32 - spill)  # what spills into the next one (0 when nothing)
-    count = total_bits // 32 + 2
     # fields never share a bit, so adding their parts ORs them
-    words = torch.zeros(count, dtype=torch.int64, device=values.device)
+    words = torch.zeros(total_bits // 32 + 2, dtype=torch.int64, device=values.device)
     words.index_add_(0, word, high).index_add_(0, word + 1, low)
-    shifts = torch.tensor([24, 16, 8, 0], device=values.device)
-    data = ((words[:, None] >> shifts) & 0xFF).to(torch.uint8).flatten()
-    return data[: total_bits // 8 + 1]
+    data = (torch.stack([words >> 24, words >> 16, words >> 8, words], dim=1) & 0xFF).to(torch.uint8)  # big-endian
+    return data.flatten()[: total_bits // 8 + 1]
