@@ -19,6 +19,7 @@ import torch
 RLE_SIZES = (3, 4, 8, 16)  # the sdk's and Label Studio's defaults
 WORD = 8
 MAX_RUN = 1 << 16
+HEADER_WIDTHS = (32, 5, 4, 4, 4, 4)  # value count, word size - 1, the four field sizes - 1
 
 
 def mask_to_rle_bytes(mask: torch.Tensor | np.ndarray) -> bytes:
@@ -74,8 +75,8 @@ def encode_runs(lengths: torch.Tensor, run_values: torch.Tensor, total: int) -> 
     length_width = _field_widths(device)[size_index]
     full_chunks = torch.div(lengths - 1, MAX_RUN, rounding_mode="floor") * long_run
     run_bits = (full_chunks + 1) * (3 + length_width + WORD)  # every piece of a long run is 27 bits
-    piece_count, code_bits = torch.stack([full_chunks.sum(), run_bits.sum()]).tolist() if lengths.numel() else (0, 0)
-    piece_count += lengths.numel()
+    extra_pieces, code_bits = torch.stack([full_chunks.sum(), run_bits.sum()]).tolist() if lengths.numel() else (0, 0)
+    piece_count = lengths.numel() + extra_pieces
     if piece_count != lengths.numel():
         pieces = full_chunks + 1
         split = functools.partial(torch.repeat_interleave, repeats=pieces, output_size=piece_count)
@@ -91,9 +92,9 @@ def encode_runs(lengths: torch.Tensor, run_values: torch.Tensor, total: int) -> 
     code = (((flag << 2 | size_index) << length_width | (lengths - 1)) << WORD) | run_values
 
     header_values = torch.tensor([total, WORD - 1, *(s - 1 for s in RLE_SIZES)], device=device)
-    header_widths = torch.tensor([32, 5, 4, 4, 4, 4], device=device)
+    header_widths = torch.tensor(HEADER_WIDTHS, device=device)
     return pack_fields(torch.cat([header_values, code]), torch.cat([header_widths, 3 + length_width + WORD]),
-                       total_bits=53 + int(code_bits))
+                       total_bits=sum(HEADER_WIDTHS) + int(code_bits))
 
 
 def pack_fields(values: torch.Tensor, widths: torch.Tensor, total_bits: int) -> torch.Tensor:
