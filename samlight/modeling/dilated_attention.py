@@ -124,7 +124,10 @@ def _forward(q, k, v, branches, kernel, scale, out=None):
     lse_total = torch.full((b, h, n), float("-inf"), dtype=dtype, device=q.device)
     branch_lse, aux = [], []
     written = False
-    for group in _groups(branches, q.device):
+    groups = _groups(branches, q.device)
+    # a dense first branch writes every position: no later branch meets an unwritten one, none stays empty
+    covered = groups[0][0].dilation == 1
+    for group in groups:
         results, group_aux = _run_group(kernel, group, q, k, v, scale)
         aux.append(group_aux)
         for branch, o_b, lse_b in results:
@@ -138,12 +141,13 @@ def _forward(q, k, v, branches, kernel, scale, out=None):
             old = _select(lse_total, branch).squeeze(1)
             new = torch.logaddexp(old, lse_b)
             previous = _select(acc, branch).squeeze(1) * torch.exp(old - new).unsqueeze(-1)
-            # a position no earlier branch wrote holds garbage: take the new branch alone there
-            previous = torch.where(torch.isfinite(old).unsqueeze(-1), previous, 0.0)
+            if not covered:  # a position no earlier branch wrote holds garbage: take the new branch alone there
+                previous = torch.where(torch.isfinite(old).unsqueeze(-1), previous, 0.0)
             _assign(acc, branch, previous + o_b.squeeze(1).to(dtype) * torch.exp(lse_b - new).unsqueeze(-1))
             _assign(lse_total, branch, new)
             branch_lse.append(lse_b)
-    acc.masked_fill_(torch.isinf(lse_total).unsqueeze(-1), 0.0)
+    if not covered:
+        acc.masked_fill_(torch.isinf(lse_total).unsqueeze(-1), 0.0)
     return acc, lse_total, branch_lse, aux
 
 
