@@ -66,10 +66,13 @@ class Predictor:
         autocast: bool | None = None,
         fast: bool | None = None,
         encoder_dtype: torch.dtype | None = None,
+        compile_encoder: bool = False,
     ) -> None:
         """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
         and decoder (default on CUDA). ``encoder_dtype``: the encoder's weights (default bf16 on CUDA,
-        float32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX)."""
+        float32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX). ``compile_encoder``: on the CPU,
+        ``torch.compile`` the encoder (inductor moves bias, GELU and residual adds into oneDNN's GEMMs: about
+        8% faster on 2 cores; the first embedding pays tens of seconds of compilation)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
@@ -84,6 +87,8 @@ class Predictor:
             self.encoder = GraphedEncoder(model.image_encoder, dtype=encoder_dtype)
         else:
             self.encoder = model.image_encoder
+        if compile_encoder and not on_cuda:  # on CUDA the encoder's graph already removes the overheads
+            self.encoder = torch.compile(self.encoder, mode="max-autotune-no-cudagraphs")
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
         self._current: ImageEmbedding | None = None
 

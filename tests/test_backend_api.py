@@ -353,3 +353,19 @@ def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = subprocess.run([sys.executable, "-m", "backend.serve", "--random", "vit_huge"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown random config" in out.stderr
+
+
+def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
+    """SAMLIGHT_CPU_FAST=1: bf16 encoder weights where oneDNN supports them, and a compiled encoder."""
+    import torch
+
+    from backend.images import ImageFetcher
+    from backend.segmenter import InProcessSegmenter
+
+    settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
+                                          "SAMLIGHT_CPU_FAST": "1"})
+    assert settings.cpu_fast and not EmbeddedSettings.from_env({}).cpu_fast
+    predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
+    assert isinstance(predictor.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert next(predictor.model.image_encoder.parameters()).dtype == expected

@@ -172,3 +172,11 @@ def test_bf16_encoder_on_cpu_stays_close_to_float32(coco_val_images):
     a, b = exact.embed(image).features, half.embed(image).features
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_compiled_cpu_encoder_equals_eager(test_student, coco_val_images):
+    """``compile_encoder`` (the CPU speed option) computes the same embedding as the eager encoder."""
+    image = load_image(coco_val_images[1])
+    eager = Predictor(copy.deepcopy(test_student), device="cpu").embed(image).features
+    compiled = Predictor(copy.deepcopy(test_student), device="cpu", compile_encoder=True).embed(image).features
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), (compiled - eager).abs().max()
