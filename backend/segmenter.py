@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from backend.env import flag
 from backend.images import FetchError, ImageFetcher
 from backend.jobs import JobError, SegmentJob, error_result, execute
 
@@ -117,7 +118,7 @@ class EmbeddedSettings:
         return cls(source=ModelSource.from_env(env), device=env.get("SAMLIGHT_DEVICE") or None,
                    cache_entries=int(env.get("SAMLIGHT_CACHE_ENTRIES", 64)),
                    torch_threads=int(threads) if threads else None,
-                   cpu_fast=(env.get("SAMLIGHT_CPU_FAST") or "0").strip().lower() in ("1", "true", "yes", "on"))
+                   cpu_fast=flag(env.get("SAMLIGHT_CPU_FAST"), False))
 
 
 class _KeyLocks:

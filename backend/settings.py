@@ -19,14 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.env import flag
 from backend.images import FetchSettings
 from backend.segmenter import SegmenterSettings
-
-
-def _flag(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -58,7 +53,7 @@ class BackendSettings:
             port=int(env.get("PORT") or 9090),
             workers=int(env.get("SAMLIGHT_WORKERS") or 1),
             threads=int(env.get("SAMLIGHT_THREADS") or 8),
-            preload=_flag(env.get("SAMLIGHT_PRELOAD"), True),
+            preload=flag(env.get("SAMLIGHT_PRELOAD"), True),
         )
 
     def __post_init__(self) -> None:
