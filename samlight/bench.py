@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from samlight.modeling.int8_linear import Int8Linear, int8_encoder
 from samlight.models import random_model
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Entry:
 
     name: str
     family: str  # "samlight" or "peer"
-    precision: str  # fp32, bf16
+    precision: str  # fp32, bf16, int8 (CPU: int8 linears, bf16 elsewhere)
     build: Callable[[], nn.Module]
     mode: str = "eager"  # eager, compile, graph
 
@@ -118,10 +119,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup
 
 def _prepare(entry: Entry, device: torch.device) -> tuple[nn.Module, torch.dtype]:
     model = entry.build().eval().to(device)
-    dtype = torch.bfloat16 if entry.precision == "bf16" else torch.float32
+    if entry.precision == "int8":
+        model = int8_encoder(model)
+    dtype = torch.float32 if entry.precision == "fp32" else torch.bfloat16
     if dtype != torch.float32:
         model = model.to(dtype)
     return model, dtype
+
+
+def _weights(model: nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes), counting int8 linears' weights too."""
+    count = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            biases = 0 if layer.bias is None else layer.out_features
+            count += layer.in_features * layer.out_features + biases
+            size += layer.in_features * layer.out_features + 4 * (layer.out_features + biases)  # int8, fp32 scale, bias
+    return count, size
 
 
 def _runner(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], torch.Tensor]:
@@ -145,9 +160,9 @@ def _runner(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], torch.
 
 def measure(entry: Entry, device: torch.device, repeats: int, batch: int, latency: bool = True) -> Result:
     model, dtype = _prepare(entry, device)
-    params = sum(p.numel() for p in model.parameters())
+    params, weight_bytes = _weights(model)
     result = Result(entry.name, entry.family, entry.precision, entry.mode, params / 1e6,
-                    weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+                    weights_mb=weight_bytes / 2**20)
     size = getattr(model, "img_size", 1024)
     result.input_size = size
     warmup = 3 if device.type == "cuda" else 1
@@ -252,7 +267,9 @@ def entries_for(args: argparse.Namespace, device: torch.device) -> list[Entry]:
         Entry(name, "samlight", p, lambda n=name: random_model(n).image_encoder, mode)
         for name in args.models or SAMLIGHT_MODELS for p in precisions for mode in modes
     ]
-    peers = [] if args.no_peers else _peer_entries(precisions)
+    if "int8" in precisions and device.type != "cpu":
+        raise ValueError("--precision int8 (oneDNN int8 linears) runs on the CPU only")
+    peers = [] if args.no_peers else _peer_entries([p for p in precisions if p != "int8"])
     if device.type == "cpu" and not args.all_peers:
         # SAM ViT-H takes minutes per image on a few CPU cores: ViT-B alone is the CPU reference
         peers = [e for e in peers if e.name != "sam_vit_h"]
@@ -262,8 +279,9 @@ def entries_for(args: argparse.Namespace, device: torch.device) -> list[Entry]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     parser.add_argument("--models", nargs="+", help=f"samlight configs (default: {' '.join(SAMLIGHT_MODELS)})")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
-                        help="default: fp32 and bf16 (on CPU bf16 only where oneDNN supports it)")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8"],
+                        help="default: fp32 and bf16 (on CPU bf16 only where oneDNN supports it); int8: CPU "
+                             "only, samlight models' linears as int8 GEMMs, the rest bf16")
     parser.add_argument("--mode", nargs="+", choices=["eager", "compile", "graph"], help="samlight execution modes")
     parser.add_argument("--repeats", type=int, help="timed repetitions (default: 100 on CUDA, 5 on CPU)")
     parser.add_argument("--batch", type=int, help="throughput batch (default 32 on CUDA, 0 = skip on CPU)")

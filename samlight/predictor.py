@@ -25,8 +25,10 @@ from samlight.fast_decoder import GraphedPromptDecoder
 from samlight.fast_encoder import GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 from samlight.modeling import LighteningEncoder
+from samlight.modeling.int8_linear import int8_encoder
 
 ImageLike = "np.ndarray | Image.Image | str | os.PathLike"
+ENCODER_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -65,14 +67,17 @@ class Predictor:
         cache: EmbeddingCache | None = None,
         autocast: bool | None = None,
         fast: bool | None = None,
-        encoder_dtype: torch.dtype | None = None,
-        compile_encoder: bool = False,
+        encoder_precision: str | None = None,
+        compile_encoder: bool | None = None,
     ) -> None:
         """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
-        and decoder (default on CUDA). ``encoder_dtype``: the encoder's weights (default bf16 on CUDA,
-        float32 on CPU; bf16 also pays on CPUs with AVX512-BF16 or AMX). ``compile_encoder``: on the CPU,
-        ``torch.compile`` the encoder (inductor moves bias, GELU and residual adds into oneDNN's GEMMs: about
-        8% faster on 2 cores; the first embedding pays tens of seconds of compilation)."""
+        and decoder (default on CUDA). ``encoder_precision``: ``fp32``, ``bf16`` or ``int8`` (default bf16
+        on CUDA, fp32 on CPU). bf16 also pays on CPUs with AVX512-BF16 or AMX; ``int8`` (CPU only, a
+        SAM-Lightening encoder) runs the blocks' linears as int8 GEMMs and the rest in bf16, with a small
+        accuracy cost (``samlight eval --precision`` measures it on a checkpoint). ``compile_encoder``: on
+        the CPU, ``torch.compile`` the encoder (it fuses bias, GELU, residual adds and int8 quantization
+        into the GEMMs; the first embedding pays tens of seconds of compilation). Default: only for int8,
+        which is slower than bf16 without it (its activation quantization takes several passes eagerly)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
@@ -82,13 +87,21 @@ class Predictor:
         fast = on_cuda if fast is None else fast
         # vanilla SAM's encoder copies host tensors while it runs (relative positions): no CUDA graph for it
         graphable = isinstance(model.image_encoder, LighteningEncoder)
-        encoder_dtype = encoder_dtype or (torch.bfloat16 if fast and graphable else torch.float32)
-        if graphable and (fast or encoder_dtype != torch.float32):
-            self.encoder = GraphedEncoder(model.image_encoder, dtype=encoder_dtype)
-        else:
-            self.encoder = model.image_encoder
+        precision = encoder_precision or ("bf16" if fast and graphable else "fp32")
+        if precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"encoder_precision must be one of {ENCODER_PRECISIONS}, got {precision!r}")
+        encoder = model.image_encoder
+        if precision == "int8":
+            if on_cuda or not graphable:
+                raise ValueError("int8 encoder precision is for SAM-Lightening encoders on the CPU")
+            encoder = int8_encoder(encoder)  # a copy: the model keeps its float weights
+        if graphable and (fast or precision != "fp32"):
+            encoder = GraphedEncoder(encoder, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+        if compile_encoder is None:
+            compile_encoder = precision == "int8"
         if compile_encoder and not on_cuda:  # on CUDA the encoder's graph already removes the overheads
-            self.encoder = torch.compile(self.encoder, mode="max-autotune-no-cudagraphs")
+            encoder = torch.compile(encoder, mode="max-autotune-no-cudagraphs")
+        self.encoder = encoder
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
         self._current: ImageEmbedding | None = None
 

@@ -369,3 +369,23 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
     assert isinstance(predictor.encoder, torch._dynamo.eval_frame.OptimizedModule)
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     assert next(predictor.model.image_encoder.parameters()).dtype == expected
+
+
+def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_model():
+    """SAMLIGHT_CPU_INT8=1: int8 linears in a compiled copy of the encoder; the model keeps its float weights."""
+    import torch
+
+    from backend.images import ImageFetcher
+    from backend.segmenter import InProcessSegmenter
+    from samlight.modeling.int8_linear import Int8Linear, available
+
+    if not available():
+        pytest.skip("needs oneDNN's int8 GEMM")
+    settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
+                                          "SAMLIGHT_CPU_INT8": "1"})
+    assert settings.cpu_int8 and not EmbeddedSettings.from_env({}).cpu_int8
+    assert settings.encoder_options("cuda") == {}  # a CPU setting: a GPU keeps its own fast path
+    predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
+    assert isinstance(predictor.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert any(isinstance(m, Int8Linear) for m in predictor.encoder.modules())
+    assert not any(isinstance(m, Int8Linear) for m in predictor.model.image_encoder.modules())

@@ -68,3 +68,16 @@ def test_bench_on_cpu_prints_table_and_writes_json(tmp_path):
     payload = json.loads(path.read_text())
     row = payload["results"][0]
     assert payload["device"] and payload["date"] and row["latency_ms"] > 0 and row["params_m"] > 0
+
+
+def test_bench_int8_counts_the_quantized_weights(tmp_path):
+    from samlight.modeling.int8_linear import available
+
+    if not available():
+        pytest.skip("needs oneDNN's int8 GEMM")
+    path = tmp_path / "bench.json"
+    samlight("bench", "--models", "lightening_test", "--no-peers", "--no-prompt", "--precision", "fp32", "int8",
+             "--repeats", "2", "--json", str(path))
+    rows = {row["precision"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["int8"]["latency_ms"] > 0 and rows["int8"]["params_m"] == rows["fp32"]["params_m"]
+    assert rows["int8"]["weights_mb"] < rows["fp32"]["weights_mb"] / 2  # int8 linears, the rest in bf16

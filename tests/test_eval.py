@@ -119,8 +119,25 @@ def test_cli_model_eval_writes_table_json_and_grid(val_annotations, tmp_path, ca
     assert "mask IoU vs teacher" in capsys.readouterr().out
 
 
+def test_cli_eval_at_int8_reports_agreement_with_fp32(val_annotations, tmp_path, capsys):
+    from samlight.modeling.int8_linear import available
+
+    if not available():
+        pytest.skip("needs oneDNN's int8 GEMM")
+    out = tmp_path / "r.json"
+    code = main(["eval", "--random", "lightening_test", "--coco", str(val_annotations), "--max-images", "2",
+                 "--precision", "int8", "--json", str(out), "--device", "cpu", "--no-progress"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["precision"] == "int8" and result["vs_fp32"]["prompts"] == result["instances"]
+    # close to the float model, and not trivially identical to it
+    assert 0.99 < result["vs_fp32"]["embedding_cosine"] < 1.0
+    assert "mask IoU int8 vs fp32" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--baseline", "box", "--coco", "/nonexistent/instances_val2017.json"], "does not exist"),
+    (["--baseline", "box", "--coco", "{ann}", "--precision", "int8"], "--precision"),
     (["--baseline", "box", "--coco", "{ann}", "--clicks", "0"], "--clicks"),
     (["--baseline", "box", "--coco", "{ann}", "--teacher", "random:vit_test"], "baseline"),
 ])

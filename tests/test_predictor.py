@@ -168,7 +168,7 @@ def test_bf16_encoder_on_cpu_stays_close_to_float32(coco_val_images):
     image = load_image(coco_val_images[2])
     exact = Predictor(seeded(0, build_student, student_config("lightening_test")), device="cpu")
     half = Predictor(seeded(0, build_student, student_config("lightening_test")), device="cpu",
-                     encoder_dtype=torch.bfloat16)
+                     encoder_precision="bf16")
     a, b = exact.embed(image).features, half.embed(image).features
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999

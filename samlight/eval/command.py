@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", help="PNG grid of example predictions")
     parser.add_argument("--examples", type=int, default=6, help="images in the --grid")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                        help="the model's encoder precision (default: bf16 on CUDA, fp32 on CPU; int8: CPU only); "
+                             "other than fp32, also measures agreement with the same model in fp32")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from samlight.eval.protocol import evaluate_samples, summarise
     from samlight.eval.report import example_grid, table, write_json
     from samlight.models import load_model
+    from samlight.predictor import Predictor
 
     if args.clicks < 1:
         raise ValueError("--clicks must be >= 1")
@@ -57,9 +62,17 @@ def run(args: argparse.Namespace) -> int:
         model, version = load_any(args.checkpoint)
     else:
         model, version = load_model(None, args.random, args.seed)
+    predictor = reference = None
+    if args.precision:
+        if args.baseline:
+            raise ValueError("--precision applies to a model, not a --baseline")
+        if args.precision != "fp32":  # built first: a bf16 predictor converts the model's encoder in place
+            reference = Predictor(copy.deepcopy(model), device=args.device, encoder_precision="fp32")
+        predictor = Predictor(model, device=args.device, encoder_precision=args.precision)
     if args.coco:
         result = evaluate_samples(model, samples, args.prompt, args.clicks, args.device,
-                                  keep_examples=args.examples if args.grid else 0, progress=progress)
+                                  keep_examples=args.examples if args.grid else 0, progress=progress,
+                                  predictor=predictor)
     else:
         result = summarise([], [])
         result.update({"images": len(samples), "prompt": args.prompt, "seconds": 0.0, "examples": []})
@@ -67,9 +80,13 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         spec = TeacherSpec.parse(args.teacher)
         teacher = spec.load()
-        fid = fidelity(model, teacher, samples, args.device, progress=progress)
+        fid = fidelity(model, teacher, samples, args.device, progress=progress, student_predictor=predictor)
         fid["teacher"] = spec.identity
         result["fidelity"] = fid
+    if reference is not None:
+        result["precision"] = args.precision
+        result["vs_fp32"] = fidelity(model, model, samples, args.device, progress=progress,
+                                     student_predictor=predictor, teacher_predictor=reference)
     print(table(result))
     if args.json:
         write_json(result, args.json)

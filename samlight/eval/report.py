@@ -28,6 +28,11 @@ def table(result: dict) -> str:
         rows.append(("mask IoU vs teacher", f"{fid['mask_iou']:.4f}  ({fid['prompts']} prompts)"))
         rows.append(("embedding cosine", f"{fid['embedding_cosine']:.4f}"))
         rows.append(("embedding rel. MSE", f"{fid['embedding_rel_mse']:.4f}"))
+    same = result.get("vs_fp32")
+    if same:
+        precision = result.get("precision")
+        rows.append((f"mask IoU {precision} vs fp32", f"{same['mask_iou']:.4f}  ({same['prompts']} prompts)"))
+        rows.append((f"embedding cosine {precision} vs fp32", f"{same['embedding_cosine']:.4f}"))
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
