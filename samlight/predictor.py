@@ -22,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from samlight.brush_rle import mask_to_rle_bytes
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
 from samlight.fast_decoder import GraphedPromptDecoder
-from samlight.fast_encoder import GraphedEncoder
+from samlight.fast_encoder import CompiledEncoder, GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 from samlight.modeling import LighteningEncoder
 from samlight.modeling.int8_linear import int8_encoder
@@ -100,7 +100,7 @@ class Predictor:
         if compile_encoder is None:
             compile_encoder = precision == "int8"
         if compile_encoder and not on_cuda:  # on CUDA the encoder's graph already removes the overheads
-            encoder = torch.compile(encoder, mode="max-autotune-no-cudagraphs")
+            encoder = CompiledEncoder(encoder)
         self.encoder = encoder
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
         self._current: ImageEmbedding | None = None

@@ -361,12 +361,13 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
 
     from backend.images import ImageFetcher
     from backend.segmenter import InProcessSegmenter
+    from samlight.fast_encoder import CompiledEncoder
 
     settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
                                           "SAMLIGHT_CPU_FAST": "1"})
     assert settings.cpu_fast and not EmbeddedSettings.from_env({}).cpu_fast
     predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
-    assert isinstance(predictor.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(predictor.encoder, CompiledEncoder)
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     assert next(predictor.model.image_encoder.parameters()).dtype == expected
 
@@ -377,6 +378,7 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
 
     from backend.images import ImageFetcher
     from backend.segmenter import InProcessSegmenter
+    from samlight.fast_encoder import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
 
     if not available():
@@ -386,6 +388,6 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
     assert settings.cpu_int8 and not EmbeddedSettings.from_env({}).cpu_int8
     assert settings.encoder_options("cuda") == {}  # a CPU setting: a GPU keeps its own fast path
     predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
-    assert isinstance(predictor.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(predictor.encoder, CompiledEncoder)
     assert any(isinstance(m, Int8Linear) for m in predictor.encoder.modules())
     assert not any(isinstance(m, Int8Linear) for m in predictor.model.image_encoder.modules())

@@ -81,6 +81,8 @@ def test_int8_predictor_stays_close_to_float32(test_student, coco_val_images, co
     exact = Predictor(copy.deepcopy(test_student), device="cpu")
     int8 = Predictor(copy.deepcopy(test_student), device="cpu", encoder_precision="int8", compile_encoder=compiled)
     a, b = exact.embed(image), int8.embed(image)
+    if compiled:  # compiled indeed, not the eager fallback
+        assert int8.encoder.error is None, int8.encoder.error
     assert b.features.dtype == torch.float32 and b.features.shape == a.features.shape
     assert relative_error(b.features, a.features) < 0.03
     assert F.cosine_similarity(a.features.flatten(), b.features.flatten(), dim=0) > 0.999

@@ -178,5 +178,23 @@ def test_compiled_cpu_encoder_equals_eager(test_student, coco_val_images):
     """``compile_encoder`` (the CPU speed option) computes the same embedding as the eager encoder."""
     image = load_image(coco_val_images[1])
     eager = Predictor(copy.deepcopy(test_student), device="cpu").embed(image).features
-    compiled = Predictor(copy.deepcopy(test_student), device="cpu", compile_encoder=True).embed(image).features
+    predictor = Predictor(copy.deepcopy(test_student), device="cpu", compile_encoder=True)
+    compiled = predictor.embed(image).features
+    assert predictor.encoder.error is None, predictor.encoder.error  # compiled, not the eager fallback
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), (compiled - eager).abs().max()
+
+
+def test_compiled_encoder_falls_back_to_eager_when_compilation_fails(test_student):
+    """A torch build that cannot compile the encoder still serves it, eagerly."""
+    from samlight.fast_encoder import CompiledEncoder
+
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("this build cannot compile")
+
+    encoder = CompiledEncoder(copy.deepcopy(test_student.image_encoder), backend=broken_compiler)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        out, expected = encoder(x), test_student.image_encoder(x)
+        assert encoder.error == "RuntimeError: this build cannot compile"
+        assert torch.equal(encoder(x), expected)  # later calls go straight to the eager module
+    assert torch.equal(out, expected)
