@@ -62,7 +62,7 @@ class CompiledEncoder(nn.Module):
     """``torch.compile`` of an encoder that falls back to the eager module when compilation fails.
 
     Compilation happens on the first call. Not every torch build compiles every CPU graph (torch 2.11
-    cannot compile this encoder in bf16 on a Sapphire Rapids CPU, for one): a server then keeps
+    cannot compile this encoder in bf16 on the AMX Xeon of our H100 host, for one): a server then keeps
     answering, eagerly and slower, instead of failing every request.
     """
 
