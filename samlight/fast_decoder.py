@@ -3,10 +3,14 @@
 The decoder is ~150 small kernels: launched one by one from Python they cost milliseconds of CPU time
 for ~0.1 ms of GPU work. A click always has the same shapes for a given signature (number of prompts,
 points per prompt, box or not, multimask or not), so each signature is captured once and replayed.
+
+In bf16 the mask decoder runs on its own bf16 copy of the weights: autocast inside a graph cannot cache
+its casts, and re-casting every weight on every replay was a quarter of the decoder's GPU time.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 
@@ -44,22 +48,24 @@ def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes) -> tuple
 
 class GraphedPromptDecoder:
     def __init__(self, model: Sam, max_graphs: int = 16, autocast: bool = True) -> None:
+        """``autocast``: run the mask decoder in bf16 (a copy of its weights, taken now: build a new
+        decoder after changing the model's weights). Prompt coordinates are always encoded in float32."""
         self.model = model
         self.max_graphs = max_graphs
-        self.autocast = autocast
+        self.dtype = torch.bfloat16 if autocast else torch.float32
+        self.mask_decoder = copy.deepcopy(model.mask_decoder).to(self.dtype) if autocast else model.mask_decoder
         self._graphs: OrderedDict[Signature, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
     def _decode(self, features, dense_pe, coords, labels, boxes, multimask):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-            sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, boxes)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=features,
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+        sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, boxes)
+        low_res, iou = self.mask_decoder(
+            image_embeddings=features,
+            image_pe=dense_pe,
+            sparse_prompt_embeddings=sparse.to(self.dtype),
+            dense_prompt_embeddings=dense.to(self.dtype),
+            multimask_output=multimask,
+        )
         return low_res.float(), iou.float()
 
     def _capture(self, signature: Signature, features: torch.Tensor):
@@ -68,9 +74,9 @@ class GraphedPromptDecoder:
         # every tensor the graph reads from outside its own pool lives here, as long as the graph: the graph
         # holds raw addresses, and a freed input's memory would be handed to other tensors
         static = {
-            "features": torch.zeros_like(features),
+            "features": torch.zeros_like(features, dtype=self.dtype),
             # depends on the weights alone: computed once, outside the graph
-            "dense_pe": self.model.prompt_encoder.get_dense_pe(),
+            "dense_pe": self.model.prompt_encoder.get_dense_pe().to(self.dtype),
             "coords": torch.zeros(prompts, points, 2, device=device) if points else None,
             "labels": torch.ones(prompts, points, device=device, dtype=torch.int) if points else None,
             "boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device).repeat(prompts, 1) if has_box else None,

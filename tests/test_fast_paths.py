@@ -59,6 +59,31 @@ def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
 
 
 @needs_cuda
+def test_bf16_graphed_decoder_stays_close_to_float32(test_student):
+    """The bf16 decoder (its own bf16 weight copy, no autocast) against SAM's float32 decoder."""
+    from samlight.fast_decoder import GraphedPromptDecoder
+
+    model = copy.deepcopy(test_student).cuda().eval()
+    graphed = GraphedPromptDecoder(model, autocast=True)
+    assert next(graphed.mask_decoder.parameters()).dtype == torch.bfloat16
+    assert next(model.mask_decoder.parameters()).dtype == torch.float32  # the model keeps its weights
+    height, width = model.prompt_encoder.image_embedding_size
+    g = torch.Generator(device="cuda").manual_seed(1)
+    features = torch.randn(1, 256, height, width, device="cuda", generator=g)
+    boxes = torch.tensor([[20.0, 30.0, 200.0, 180.0]], device="cuda")
+    low_res, iou = graphed(features, None, None, boxes, True)
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        expected_low, expected_iou = model.mask_decoder(
+            image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+    assert low_res.dtype == torch.float32
+    error = ((low_res - expected_low).norm() / expected_low.norm()).item()
+    assert 0 < error < 0.03, error  # bf16 indeed, and close
+    assert torch.allclose(iou, expected_iou, atol=0.02)
+
+
+@needs_cuda
 def test_graphed_encoder_replays_equal_eager_after_memory_churn(test_student):
     from samlight.fast_encoder import GraphedEncoder
 
