@@ -124,17 +124,6 @@ class EmbeddedSettings:
                    cpu_fast=flag(env.get("SAMLIGHT_CPU_FAST"), False),
                    cpu_int8=flag(env.get("SAMLIGHT_CPU_INT8"), False))
 
-    def encoder_options(self, device_type: str) -> dict:
-        """The predictor's encoder precision and compilation on a ``device_type`` device (CPU settings only)."""
-        if device_type != "cpu" or not (self.cpu_fast or self.cpu_int8):
-            return {}
-        if self.cpu_int8:
-            return {"encoder_precision": "int8", "compile_encoder": True}
-        import torch
-
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return {"encoder_precision": "bf16" if bf16 else None, "compile_encoder": True}
-
 
 class _KeyLocks:
     """One lock per image key, so that a click and a prewarm of the same image embed it once."""
@@ -215,7 +204,7 @@ class InProcessSegmenter:
 
         from samlight.embedding_cache import EmbeddingCache
         from samlight.models import load_model
-        from samlight.predictor import Predictor, default_device
+        from samlight.predictor import Predictor, cpu_encoder_options, default_device
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
@@ -229,8 +218,9 @@ class InProcessSegmenter:
             raise
         self._version = version
         device = torch.device(self.settings.device) if self.settings.device else default_device()
+        speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
         predictor = Predictor(model, device=device, cache=EmbeddingCache(max_entries=self.settings.cache_entries),
-                              **self.settings.encoder_options(device.type))
+                              **speed)
         log.info("model %s loaded on %s in %.1fs (pid %d)", version, predictor.device,
                  time.perf_counter() - start, os.getpid())
         return predictor

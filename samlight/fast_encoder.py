@@ -61,7 +61,7 @@ class GraphedEncoder(nn.Module):
 class CompiledEncoder(nn.Module):
     """``torch.compile`` of an encoder that falls back to the eager module when compilation fails.
 
-    Compilation happens on the first call. Not every torch build compiles every CPU graph (torch 2.11
+    Compilation happens on the first call, for batch 1. Not every torch build compiles every CPU graph (torch 2.11
     cannot compile this encoder in bf16 on the AMX Xeon of our H100 host, for one): a server then keeps
     answering, eagerly and slower, instead of failing every request.
     """
@@ -75,6 +75,11 @@ class CompiledEncoder(nn.Module):
         self.error: str | None = None  # why compilation failed, once it has
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one image at a time: one compiled shape (each new batch size would recompile for tens of seconds),
+        # and a CPU gains nothing from batching the encoder
+        return torch.cat([self._one(image[None]) for image in x])
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
         if self.error is None:
             try:
                 return self.compiled(x)

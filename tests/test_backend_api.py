@@ -386,7 +386,6 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
     settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
                                           "SAMLIGHT_CPU_INT8": "1"})
     assert settings.cpu_int8 and not EmbeddedSettings.from_env({}).cpu_int8
-    assert settings.encoder_options("cuda") == {}  # a CPU setting: a GPU keeps its own fast path
     predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
     assert isinstance(predictor.encoder, CompiledEncoder)
     assert any(isinstance(m, Int8Linear) for m in predictor.encoder.modules())

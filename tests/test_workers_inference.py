@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -274,3 +275,29 @@ def test_worker_killed_mid_job(fleet):
     survivor = next(name for name in WORKERS if name != victim)
     [result] = segmenter.segment([click(fleet, 21)])
     assert "error" not in result and result["worker"]["name"] == survivor, (result, segmenter.worker_info())
+
+
+def test_cpu_int8_worker_compiles_during_warm_up(tmp_path, monkeypatch):
+    """SAMLIGHT_CPU_INT8=1 on a CPU worker: int8 linears, compiled while the model warms up (before it serves
+    any click), and micro-batches of several images reuse the one compiled shape."""
+    from samlight.fast_encoder import CompiledEncoder
+    from samlight.modeling.int8_linear import Int8Linear, available
+    from workers.runtime import InferenceRuntime, ModelSource
+    from workers.settings import WorkerSettings
+
+    if not available():
+        pytest.skip("needs oneDNN's int8 GEMM")
+    monkeypatch.setenv("SAMLIGHT_CPU_INT8", "1")
+    settings = WorkerSettings.from_env(model_dir=tmp_path, max_batch=2)
+    assert settings.cpu_int8 and not settings.cpu_fast
+    runtime = InferenceRuntime(settings, None, "w0", "cpu", ModelSource(random="lightening_test"), fetcher=object())
+    served = runtime.load_initial()
+    encoder = served.predictor.encoder
+    assert isinstance(encoder, CompiledEncoder) and encoder.error is None
+    assert any(isinstance(m, Int8Linear) for m in encoder.modules())
+    images = [np.full((48, 64, 3), value, dtype=np.uint8) for value in (30, 200)]
+    together = served.predictor.embed_many(images, ["a", "b"])
+    served.predictor.cache.clear()
+    alone = [served.predictor.embed(image, key) for image, key in zip(images, ["a", "b"])]
+    for batch, single in zip(together, alone):
+        assert torch.allclose(batch.features, single.features, atol=1e-5)

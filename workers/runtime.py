@@ -82,10 +82,12 @@ class InferenceRuntime:
 
     def _predictor(self, model):
         from samlight.embedding_cache import EmbeddingCache
-        from samlight.predictor import Predictor
+        from samlight.predictor import Predictor, cpu_encoder_options
 
         cache = EmbeddingCache(max_entries=self.settings.cache_entries, max_bytes=self.settings.cache_entries << 23)
-        return Predictor(model, device=self.device, cache=cache)
+        on_cpu = str(self.device).startswith("cpu")
+        speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if on_cpu else {}
+        return Predictor(model, device=self.device, cache=cache, **speed)
 
     def load_initial(self) -> Served:
         active = self.registry.active()

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.env import flag
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -100,6 +102,10 @@ class WorkerSettings:
     gate_margin: float = 0.02  # candidate may be this much mIoU below the active version
     holdout_fraction: float = 0.2
     training_timeout_s: int = 6 * 3600
+    # CPU workers: bf16 + torch.compile, or int8 linears + torch.compile (samlight.predictor.cpu_encoder_options);
+    # a new model version compiles during its warm-up, before it is swapped in
+    cpu_fast: bool = False
+    cpu_int8: bool = False
 
     @classmethod
     def from_env(cls, **overrides) -> "WorkerSettings":
@@ -118,6 +124,8 @@ class WorkerSettings:
             gate_margin=_env_float("SAMLIGHT_GATE_MARGIN", cls.gate_margin),
             holdout_fraction=_env_float("SAMLIGHT_HOLDOUT_FRACTION", cls.holdout_fraction),
             training_timeout_s=_env_int("SAMLIGHT_TRAINING_TIMEOUT_S", cls.training_timeout_s),
+            cpu_fast=flag(os.environ.get("SAMLIGHT_CPU_FAST"), False),
+            cpu_int8=flag(os.environ.get("SAMLIGHT_CPU_INT8"), False),
         )
         for name, value in overrides.items():
             setattr(settings, name, value)
