@@ -77,6 +77,8 @@ class CompiledEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one image at a time: one compiled shape (each new batch size would recompile for tens of seconds),
         # and a CPU gains nothing from batching the encoder
+        if x.shape[0] == 1:
+            return self._one(x)
         return torch.cat([self._one(image[None]) for image in x])
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
