@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install redis labelstudio test test-fast serve bench clean
+.PHONY: install redis chromium labelstudio label-studio test test-fast serve bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,17 +18,24 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# redis-server for the RQ integration tests (Debian package)
+# redis-server for the RQ integration tests, chromium for the browser test (Debian packages; waits for apt locks)
 redis:
-	@command -v redis-server >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	bash tools/apt-install.sh redis-server
 
-# Label Studio 1.23.2 in its own virtualenv, with a migrated template database, for the end-to-end test
+chromium:
+	bash tools/apt-install.sh chromium
+
+# Label Studio 1.23.2 in its own virtualenv, with a migrated template database, for the end-to-end tests
 labelstudio:
 	PYTHON=$(PYTHON) bash tests/e2e/install_labelstudio.sh .venv-labelstudio
 
-test: install redis labelstudio
+# a local Label Studio 1.23.2 for a trial, on http://localhost:8080, allowed to reach a backend on this machine
+LS_PORT ?= 8080
+label-studio: labelstudio
+	ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true \
+	  .venv-labelstudio/bin/label-studio start --port $(LS_PORT)
+
+test: install redis chromium labelstudio
 	$(PY) -m pytest
 
 test-fast: install

@@ -20,7 +20,9 @@ from backend.corrections import CorrectionSink, FileCorrectionSink
 from backend.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
 from backend.errors import StatusError
+from backend.failures import RecentFailures
 from backend.model import SamLightModel, Services
+from backend.options import ProjectOptions, ProjectOptionsStore, project_key
 from backend import rle
 from backend.prompts import PromptError
 from backend.segmenter import Segmenter, create_segmenter
@@ -77,6 +79,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
     if settings.preload and hasattr(segmenter, "load_in_background"):
         segmenter.load_in_background()
     predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
+    project_options = ProjectOptionsStore(settings.model_dir / "projects")
+    failures = RecentFailures()
 
     app = Flask("samlight-backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -96,23 +100,29 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
             return response
         return None
 
-    @app.errorhandler(StatusError)  # ApiError, PredictError, JobError, FetchError
+    def failed(message: str, status: int) -> Response:
+        # Label Studio drops a failed click's answer without showing it: /health and the log must show it
+        failures.record(request.path, status, message)
+        log.warning("%s answered %d: %s", request.path, status, message)
+        return error_response(message, status)
+
+    @app.errorhandler(StatusError)  # ApiError, PredictError, JobError, FetchError, OptionsError
     def api_error(error):
-        return error_response(str(error), error.status)
+        return failed(str(error), error.status)
 
     @app.errorhandler(ConfigError)
     @app.errorhandler(PromptError)
     def bad_request(error):
-        return error_response(str(error), 400)
+        return failed(str(error), 400)
 
     @app.errorhandler(HTTPException)
     def http_error(error):
-        return error_response(error.description or error.name, error.code or 500)
+        return failed(error.description or error.name, error.code or 500)
 
     @app.errorhandler(Exception)
     def internal_error(error):
         log.exception("unhandled error on %s", request.path)
-        return error_response(f"internal error: {error.__class__.__name__}: {error}", 500)
+        return failed(f"internal error: {error.__class__.__name__}: {error}", 500)
 
     @app.get("/")
     @app.get("/health")
@@ -120,7 +130,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         details = segmenter.health()
         healthy = "error" not in details
         body = {"status": "UP" if healthy else "ERROR", "model_class": SamLightModel.__name__,
-                "model_version": segmenter.model_version, **details}
+                "model_version": segmenter.model_version, **details, "failures": failures.summary()}
         return jsonify(body), 200 if healthy else 503
 
     @app.post("/setup")
@@ -130,10 +140,11 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if not isinstance(schema, str):
             raise ApiError("'schema' (the project's labeling config) is required", 400)
         parse_config(schema)
-        extra = data.get("extra_params")
-        if extra is not None and not isinstance(extra, dict):
-            raise ApiError(f"'extra_params' must be an object or null, got {type(extra).__name__}", 400)
-        return jsonify({"model_version": segmenter.model_version})
+        options = ProjectOptions.parse(data.get("extra_params"))
+        project = project_key(data.get("project"))
+        if project is not None:
+            project_options.save(project, options)
+        return jsonify({"model_version": segmenter.model_version, "options": options.to_dict()})
 
     @app.post("/predict")
     def predict():
@@ -147,7 +158,11 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         label_config = data.get("label_config")
         if not isinstance(label_config, str):
             raise ApiError("'label_config' (the project's labeling config) is required", 400)
-        model = SamLightModel(services, label_config)
+        if "extra_params" in data:  # a client that sends its options with every call
+            options = ProjectOptions.parse(data["extra_params"])
+        else:
+            options = project_options.get(project_key(data.get("project")))
+        model = SamLightModel(services, label_config, options)
         if not predict_slots.acquire(blocking=False):
             raise ApiError("the backend is busy: every inference slot is taken; retry", 503)
         start = time.perf_counter()

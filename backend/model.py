@@ -14,6 +14,7 @@ from backend.corrections import RECORDED_EVENTS, CorrectionSink
 from backend.images import FetchError, ImageFetcher
 from backend.jobs import SegmentJob
 from backend.labels import LabelingSchema, parse_config
+from backend.options import ProjectOptions
 from backend.prompts import Prompt, parse_context
 from backend.rle import rle_from_base64
 from backend.errors import StatusError
@@ -36,9 +37,11 @@ class Services:
 
 
 class SamLightModel:
-    def __init__(self, services: Services, label_config: str | None = None) -> None:
+    def __init__(self, services: Services, label_config: str | None = None,
+                 options: ProjectOptions | None = None) -> None:
         self.services = services
         self.label_config = label_config
+        self.options = options or ProjectOptions()
 
     @property
     def model_version(self) -> str:
@@ -52,8 +55,14 @@ class SamLightModel:
 
     # --- predictions ----------------------------------------------------------------------------
 
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
-        """One prediction per task: a brush mask for an interactive context, an empty result otherwise."""
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
+        """A brush mask for an interactive context; for a batch call, no prediction for any task.
+
+        A batch call is Label Studio opening a task (or "Retrieve Predictions"): it prewarms the images'
+        embeddings and answers an empty *list* of predictions per task. Label Studio stores nothing for an
+        empty list, so tasks are not cluttered with empty prediction tabs, and since it asks again whenever a
+        task has no prediction, every later open prewarms too (after a backend restart as well).
+        """
         schema = self.schema
         if not isinstance(tasks, list) or not tasks:
             raise PredictError("tasks must be a non-empty list")
@@ -62,8 +71,9 @@ class SamLightModel:
             if len(tasks) != 1:
                 raise PredictError(f"an interactive context applies to one task, got {len(tasks)}")
             return [self._interactive(urls[0], parse_context(context, schema), schema)]
-        self._prewarm(urls)
-        return [{"result": [], "score": None, "model_version": self.model_version} for _ in tasks]
+        if self.options.prewarm:
+            self._prewarm(urls)
+        return [[] for _ in tasks]
 
     @staticmethod
     def _image_url(task, index: int, schema: LabelingSchema) -> str:
@@ -99,6 +109,10 @@ class SamLightModel:
             raise PredictError(result["error"], int(result.get("status", 500)))
         log.info("mask for %s: cached=%s %s", url, result.get("cached"),
                  " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
+        score = min(1.0, max(0.0, float(result["score"])))  # the decoder's IoU estimate can leave [0, 1]
+        if score < self.options.min_score:
+            log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
+            return {"result": [], "score": score, "model_version": result.get("model_version") or self.model_version}
         label = schema.output_label(prompt.label)
         region = {
             "id": uuid.uuid4().hex[:10],
@@ -109,10 +123,10 @@ class SamLightModel:
             "original_height": result["height"],
             "image_rotation": 0,
             "value": {"format": "rle", "rle": rle_from_base64(result["rle_base64"]), "brushlabels": [label] if label else []},
-            "score": result["score"],
+            "score": score,
             "readonly": False,
         }
-        return {"result": [region], "score": result["score"],
+        return {"result": [region], "score": score,
                 "model_version": result.get("model_version") or self.model_version}
 
     # --- training events ------------------------------------------------------------------------

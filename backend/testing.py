@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GEOMETRY = "geometry"
+SCORE = 0.9  # every geometry mask's predicted quality (below 1, so score thresholds can be tested)
 
 
 @dataclass(frozen=True)
@@ -93,4 +94,4 @@ class GeometryPredictor:
             for (x, y), label in zip(np.asarray(point_coords, float).reshape(-1, 2), np.asarray(point_labels).ravel()):
                 disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
                 mask = mask | disc if label == 1 and box is None else (mask & ~disc if label == 0 else mask)
-        return GeometryPrediction(mask_to_rle_bytes(mask), 1.0, int(mask.sum()))
+        return GeometryPrediction(mask_to_rle_bytes(mask), SCORE, int(mask.sum()))

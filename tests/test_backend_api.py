@@ -111,16 +111,68 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
     response = client.post("/setup", json={"project": "1.1", "schema": SMART_CONFIG, "hostname": host.url,
                                            "access_token": "x", "extra_params": None})
     assert response.status_code == 200
-    assert response.get_json() == {"model_version": "random-lightening_t-0"}
-    assert client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": {"a": 1}}).status_code == 200
+    assert response.get_json() == {"model_version": "random-lightening_t-0",
+                                   "options": {"prewarm": True, "min_score": 0.0}}
     assert not app.extensions["samlight"].segmenter.loaded  # /setup never loads the model
-    bad = client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": [1]})
-    assert bad.status_code == 400 and "extra_params" in bad.get_json()["error"]
     keypoints_only = ('<View><Image name="i" value="$i"/>'
                       '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>')
     no_brush = client.post("/setup", json={"schema": keypoints_only})
     assert no_brush.status_code == 400 and "BrushLabels" in no_brush.get_json()["error"]
     assert client.post("/setup", json={}).status_code == 400
+
+
+@pytest.mark.parametrize("extra_params, options", [
+    (None, {"prewarm": True, "min_score": 0.0}),
+    ("", {"prewarm": True, "min_score": 0.0}),  # Label Studio's Connect Model form with the box left empty
+    ("  {}  ", {"prewarm": True, "min_score": 0.0}),
+    ("null", {"prewarm": True, "min_score": 0.0}),
+    ('{"min_score": 0.5, "prewarm": false}', {"prewarm": False, "min_score": 0.5}),
+    ({"min_score": 1}, {"prewarm": True, "min_score": 1.0}),
+])
+def test_setup_accepts_extra_params_as_label_studio_sends_them(client, extra_params, options):
+    response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["options"] == options
+
+
+@pytest.mark.parametrize("extra_params, words", [
+    ("{min_score: 1}", ["extra_params", "not valid JSON", "line 1 column 2"]),
+    ("[1]", ["extra_params", "must be a JSON object", "list"]),
+    ([1], ["extra_params", "must be a JSON object"]),
+    ('"text"', ["extra_params", "must be a JSON object", "str"]),
+    ('{"min_scor": 0.5}', ["unknown option", "min_scor", "min_score"]),
+    ('{"min_score": 2}', ["extra_params.min_score", "from 0 to 1"]),
+    ('{"prewarm": "yes"}', ["extra_params.prewarm", "true or false"]),
+])
+def test_bad_extra_params_get_a_400_naming_the_problem(client, extra_params, words):
+    response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
+    assert response.status_code == 400
+    message = response.get_json()["error"]
+    assert all(word in message for word in words), message
+
+
+def test_project_options_reach_the_prediction_path(host, tmp_path, photo, coco_val_images):
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"))
+    client = app.test_client()
+    services = app.extensions["samlight"]
+    first = {"tasks": [{"id": 1, "data": {"image": f"/data/upload/{coco_val_images[6].name}"}}],
+             "project": "5.100", "label_config": SMART_CONFIG, "params": {"context": None}}
+    # prewarm off for project 5: opening a task computes nothing
+    assert client.post("/setup", json={"project": "5.100", "schema": SMART_CONFIG,
+                                       "extra_params": '{"prewarm": false, "min_score": 0.99}'}).status_code == 200
+    assert client.post("/predict", json=first).get_json()["results"] == [[]]
+    time.sleep(0.5)
+    assert not services.segmenter.predictor().is_cached(services.fetcher.image_key(first["tasks"][0]["data"]["image"]))
+    # min_score 0.99: the geometry model's masks score 0.9, so no suggestion; a process with the same
+    # MODEL_DIR (another gunicorn worker, or after a restart) reads the same options
+    other = make_app(host, tmp_path, ModelSource(test_model="geometry")).test_client()
+    body = {**predict_body(photo, {"result": [keypoint(30, 30, photo)]}), "project": "5.100"}
+    for c in (client, other):
+        answer = c.post("/predict", json=body).get_json()["results"][0]
+        assert answer["result"] == [] and 0 <= answer["score"] < 0.99
+    # a project without options gets the defaults
+    answer = other.post("/predict", json={**body, "project": "6.100"}).get_json()["results"][0]
+    assert len(answer["result"]) == 1
 
 
 # --- interactive prompts ------------------------------------------------------------------------------
@@ -164,15 +216,15 @@ def test_output_label_follows_the_prompt(client, photo):
 
 # --- batch ---------------------------------------------------------------------------------------------
 
-def test_batch_returns_one_item_per_task_and_prewarms(app, client, photo, coco_val_images):
+def test_batch_stores_no_prediction_and_prewarms(app, client, photo, coco_val_images):
     names = [p.name for p in coco_val_images[2:5]]
     tasks = [{"id": i, "data": {"image": f"/data/upload/{name}"}} for i, name in enumerate(names)]
     tasks.append({"id": 9, "data": {"image": "/data/upload/missing.jpg"}})  # still answered
     response = client.post("/predict", json=predict_body(photo, None, tasks=tasks))
     assert response.status_code == 200
-    results = response.get_json()["results"]
-    assert [r["result"] for r in results] == [[]] * len(tasks)
-    assert all(r["model_version"] == "test-geometry" for r in results)
+    # an empty list of predictions per task: Label Studio stores nothing and asks again on the next open
+    assert response.get_json()["results"] == [[]] * len(tasks)
+    assert response.get_json()["model_version"] == "test-geometry"
     services = app.extensions["samlight"]
     keys = [services.fetcher.image_key(f"/data/upload/{name}") for name in names]
     deadline = time.monotonic() + 30
@@ -214,6 +266,20 @@ def test_image_failures_are_clear(client, photo):
     text = dict(photo, url="/text")
     response = client.post("/predict", json=predict_body(text, {"result": [keypoint(5, 5, photo)]}))
     assert response.status_code == 422 and "not an image" in response.get_json()["error"]
+
+
+def test_failed_clicks_show_in_health(host, tmp_path, photo):
+    # Label Studio shows the annotator nothing when a click fails: /health is where an operator sees it
+    client = make_app(host, tmp_path, ModelSource(test_model="geometry")).test_client()
+    assert client.get("/health").get_json()["failures"] == {"count": 0, "by_endpoint": {}, "recent": []}
+    missing = dict(photo, url="/data/upload/missing.jpg")
+    client.post("/predict", json=predict_body(missing, {"result": [keypoint(5, 5, photo)]}))
+    client.post("/setup", json={"schema": SMART_CONFIG, "extra_params": "{oops"})
+    failures = client.get("/health").get_json()["failures"]
+    assert failures["count"] == 2 and failures["by_endpoint"] == {"/predict": 1, "/setup": 1}
+    latest, first = failures["recent"]
+    assert latest["status"] == 400 and "extra_params" in latest["message"]
+    assert first["status"] == 502 and "missing.jpg" in first["message"]
 
 
 def test_basic_auth(host, tmp_path):
