@@ -1,0 +1,182 @@
+"""The README's quick start in Label Studio's own UI: a real Label Studio 1.23.2, the real backend (gunicorn),
+headless Chromium (Debian's) driven by Playwright.
+
+Follows the README as an annotator would: the model is connected through Settings -> Model -> Connect Model
+(its "Extra params" box sent as text), a task is opened, a smart keypoint click and a smart rectangle are made
+exactly as the README says, a region appears and is accepted, an Alt-click adds a negative point, the
+annotation is submitted and reaches the backend's webhook with a brush mask of the image's size. Then the
+backend restarts, a task opened before is opened again, and its first click must be served from the embedding
+that opening the task computed. On failure, a screenshot and the browser console are saved under ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.corrections import FileCorrectionSink, annotation_masks
+from backend.labels import SMART_CONFIG
+from backend.rle import rle_to_mask
+from conftest import REPO, free_port
+from e2e.browser import LabelingUI, chromium
+from e2e.labelstudio import Backend, LabelStudio, install_label_studio
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ARTEFACTS = REPO / "test-artifacts" / "browser"
+USER = ("e2e@example.com", "e2e-password-123")  # what e2e.labelstudio.LabelStudio starts with
+
+
+@pytest.fixture(scope="module")
+def photos(coco_tiny):
+    """Three val2017 photos, the first with its largest object's box (pixels)."""
+    data = json.loads((coco_tiny / "annotations" / "instances_val2017.json").read_text())
+    images = {image["id"]: image for image in data["images"]}
+    present = [a for a in data["annotations"] if not a.get("iscrowd")
+               and (coco_tiny / "val2017" / images[a["image_id"]]["file_name"]).is_file()]
+    largest = max(present, key=lambda a: a["area"])
+    first = coco_tiny / "val2017" / images[largest["image_id"]]["file_name"]
+    others = [p for p in sorted((coco_tiny / "val2017").glob("*.jpg")) if p != first][:2]
+    return {"paths": [first, *others], "bbox": largest["bbox"]}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    install_label_studio()
+    root = tmp_path_factory.mktemp("browser")
+    studio = LabelStudio(root / "label-studio", free_port())
+    studio.directory.mkdir()
+    backend = None
+    try:
+        studio.start()
+        token = studio.api("POST", "/api/token/").json()["token"]  # a personal access token, as the README says
+        backend = Backend(root / "backend", free_port(),
+                          {"LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": token,
+                           "SAMLIGHT_TORCH_THREADS": "1"},
+                          ["--random", "lightening_test", "--threads", "4"]).start()
+        yield studio, backend
+    finally:
+        if backend is not None:
+            backend.stop()
+        studio.stop()
+
+
+def backend_cache(studio, backend) -> dict:
+    health = studio.session.get(f"{backend.url}/health", timeout=5).json()
+    return {**health.get("cache", {"entries": 0, "hits": 0, "misses": 0}),
+            "busy": health["inflight"] + health["prewarm_pending"]}
+
+
+def wait_for_prewarm(studio, backend, entries: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cache = backend_cache(studio, backend)
+        if cache["entries"] >= entries and cache["busy"] == 0:
+            return cache
+        time.sleep(0.2)
+    raise AssertionError(f"opening the task did not prewarm its embedding: {backend_cache(studio, backend)}")
+
+
+def suggested_mask(call: dict, size: tuple[int, int]) -> np.ndarray:
+    assert "errors" not in call["answer"], call["answer"]
+    [region] = call["answer"]["data"]["result"]
+    assert (region["type"], region["from_name"], region["value"]["brushlabels"]) == ("brushlabels", "mask", ["Object"])
+    assert 0 <= region["score"] <= 1
+    mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+    assert mask.shape == (size[1], size[0])
+    return mask
+
+
+def test_readme_quick_start_in_the_browser(stack, photos):
+    studio, backend = stack
+    project = studio.api("POST", "/api/projects", json={"title": "browser", "label_config": SMART_CONFIG}).json()
+    for path in photos["paths"]:
+        with open(path, "rb") as f:
+            studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
+    tasks = sorted(studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"],
+                   key=lambda t: t["id"])
+    size = Image.open(photos["paths"][0]).size
+    x, y, w, h = photos["bbox"]
+    centre = ((x + w / 2) / size[0], (y + h / 2) / size[1])
+
+    with chromium() as browser:
+        ui = LabelingUI(browser, studio.url, ARTEFACTS)
+        with ui.artefacts_on_failure("quick-start"):
+            ui.log_in(*USER)
+            # Connect Model through the form: its "Extra params" box reaches the backend as text
+            ui.connect_model(project["id"], "samlight", backend.url, '{"prewarm": true}')
+            [ml] = studio.api("GET", "/api/ml", params={"project": project["id"]}).json()
+            assert ml["readable_state"] == "Connected", ml
+            assert ml["is_interactive"] and ml["extra_params"] == '{"prewarm": true}'
+
+            # opening a task prewarms its embedding, and stores no (empty) prediction
+            ui.open_task(project["id"], tasks[0]["id"])
+            wait_for_prewarm(studio, backend, entries=1)
+            assert studio.api("GET", "/api/predictions", params={"task": tasks[0]["id"]}).json() == []
+
+            # the README's steps: keep the label selected (once), Auto-Annotation on, Auto-Detect until the
+            # smart keypoint, the label's hot key once, then click
+            ui.keep_label_selected()
+            ui.auto_annotation(True)
+            assert ui.choose_smart_tool("key-point-tool") == 2  # smart brush first, then smart keypoint
+            ui.page.keyboard.press("2")  # the keypoint control's label ("Object", hot key 2)
+            assert ui.selected_labels()["point"] == ["Object"]
+            with ui.interactive_call() as click:
+                ui.click(*centre)
+            suggested_mask(click, size)
+            assert [r["type"] for r in click["context"]["result"]] == ["keypointlabels"]
+            assert ui.store()["suggestions"] == ["brushregion"]
+            # a second, negative click (Alt) refines the same object: both points go out together
+            with ui.interactive_call() as negative:
+                ui.click(x / size[0] + 0.01, y / size[1] + 0.01, negative=True)
+            suggested_mask(negative, size)
+            assert [r["is_positive"] for r in negative["context"]["result"]] == [True, False]
+            ui.accept_suggestions()
+            assert "brushregion" in ui.store()["regions"]
+
+            # a smart rectangle around the object
+            assert ui.choose_smart_tool("rectangle-tool") == 1
+            ui.page.keyboard.press("3")  # the rectangle control's label
+            with ui.interactive_call() as drag:
+                ui.drag((x / size[0], y / size[1]), ((x + w) / size[0], (y + h) / size[1]))
+            suggested_mask(drag, size)
+            assert [r["type"] for r in drag["context"]["result"]] == ["rectanglelabels"]
+            ui.accept_suggestions()
+            assert ui.store()["regions"].count("brushregion") == 2
+
+            # submit: the annotation reaches the backend's webhook, its masks decode to the image's size
+            ui.submit()
+            sink = FileCorrectionSink(backend.model_dir / "corrections")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(e["action"] == "ANNOTATION_CREATED" for e in sink.events()):
+                time.sleep(0.2)
+            [created] = [e for e in sink.events() if e["action"] == "ANNOTATION_CREATED"]
+            assert created["task"]["id"] == tasks[0]["id"]
+            masks = annotation_masks(created["annotation"])
+            assert len(masks) == 2 and all(m["mask"].shape == (size[1], size[0]) for m in masks)
+            assert all(m["labels"] == ["Object"] for m in masks)
+
+            # every open prewarms, also of a task opened before a backend restart: its first click hits the cache
+            ui.open_task(project["id"], tasks[1]["id"])
+            wait_for_prewarm(studio, backend, entries=2)
+            backend.stop()
+            backend.start()
+            ui.open_task(project["id"], tasks[2]["id"])
+            ui.open_task(project["id"], tasks[1]["id"])
+            before = wait_for_prewarm(studio, backend, entries=2)
+            assert "key-point-tool (smart)" in ui.active_tools() or ui.choose_smart_tool("key-point-tool")
+            if ui.selected_labels()["point"] != ["Object"]:
+                ui.page.keyboard.press("2")
+            with ui.interactive_call() as first:
+                ui.click(0.5, 0.5)
+            suggested_mask(first, Image.open(photos["paths"][1]).size)
+            after = backend_cache(studio, backend)
+            assert (after["hits"], after["misses"]) == (before["hits"] + 1, before["misses"]), (before, after)
+
+        print(f"browser: click -> visible suggestion {click['ms']:.0f} ms (new image after prewarm), "
+              f"negative click {negative['ms']:.0f} ms, rectangle {drag['ms']:.0f} ms, "
+              f"first click after a backend restart {first['ms']:.0f} ms")
