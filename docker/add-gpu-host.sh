@@ -6,7 +6,7 @@
 #   docker/add-gpu-host.sh 0,1        # only these
 #
 # .env (from .env.example) must set REDIS_URL, LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, MODEL_HOST_DIR,
-# SAMLIGHT_HOST_LABEL and SAMLIGHT_CHECKPOINT for this host (README.md "Add a GPU host").
+# SAMLIGHT_HOST_LABEL and SAMLIGHT_CHECKPOINT for this host (docs/operations.md "Add a GPU host").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

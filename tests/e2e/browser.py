@@ -115,7 +115,9 @@ class LabelingUI:
                              " (e.classList.contains('lsf-tool_smart') ? ' (smart)' : ''))")
 
     def choose_smart_tool(self, tool: str) -> int:
-        """Press Auto-Detect until ``tool`` (``key-point-tool``, ``rectangle-tool``) is the smart tool; presses."""
+        """Click Auto-Detect until ``tool`` (``key-point-tool``, ``rectangle-tool``) is the smart tool; clicks.
+
+        (Its hot key M selects the group but, in 1.23.2, never moves past its first tool, the smart brush.)"""
         button = self.page.locator("button.lsf-tool_smart").first
         for presses in range(1, 5):
             button.click()
