@@ -1,10 +1,15 @@
 """Fetching task images the way Label Studio serves them.
 
 ``ImageFetcher.fetch(url)`` resolves relative ``/data/upload/...`` and ``/data/local-files/...`` URLs against
-``LABEL_STUDIO_URL``, downloads with byte and time limits, and decodes (EXIF-corrected RGB, pixel limit).
-The Label Studio API key is sent only to the Label Studio host. A personal access token (a JWT refresh token)
-is exchanged at ``/api/token/refresh/`` for a short-lived access token that is refreshed before it expires;
-a legacy token is sent as ``Token <key>``.
+``LABEL_STUDIO_URL``, downloads with a byte limit and one wall-clock deadline for the whole fetch (redirects
+and a trickling server included), and decodes (EXIF-corrected RGB, pixel and aspect limits).
+
+The Label Studio API key is sent only to the Label Studio origin, decided on the URL exactly as the HTTP client
+connects to it (URLs with user info or backslashes are refused), and never on a redirect. Connections go only
+to the Label Studio origin, public addresses and ``SAMLIGHT_FETCH_ALLOW`` (``backend.outbound``). A personal
+access token (a JWT refresh token) is exchanged at ``/api/token/refresh/`` for a short-lived access token that
+is refreshed before it expires; a legacy token is sent as ``Token <key>``. A failed fetch is remembered for a
+few seconds, so a prewarm and the clicks that follow it do not download a failing image again and again.
 
 Every failure raises :class:`FetchError` with an HTTP status for the backend's answer and a message that says
 what went wrong (not found, refused, timed out, not an image, too large).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -23,21 +29,19 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 
 from backend.errors import StatusError
+from backend.outbound import GuardedSession, OutboundPolicy, origin
 from samlight.image_io import ImageError, ImageLimits, decode_image
+
+log = logging.getLogger(__name__)
 
 
 class FetchError(StatusError):
     """An image could not be fetched or decoded; ``status`` is the HTTP status the backend answers with."""
 
     default_status = 502
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -102,8 +106,10 @@ class LabelStudioAuth:
 class FetchSettings:
     label_studio_url: str | None = None
     api_key: str | None = None
-    timeout_s: float = 15.0
+    timeout_s: float = 15.0  # the whole fetch: connect, redirects, headers and body
     limits: ImageLimits = ImageLimits()
+    allow: tuple[str, ...] = ()  # extra networks / host names images may come from (private ones included)
+    failure_ttl_s: float = 10.0  # how long a failed fetch is answered from memory
 
     @classmethod
     def from_env(cls, env: "os._Environ | dict | None" = None) -> "FetchSettings":
@@ -117,6 +123,8 @@ class FetchSettings:
                 max_bytes=int(env.get("SAMLIGHT_MAX_IMAGE_BYTES", defaults.max_bytes)),
                 max_pixels=int(env.get("SAMLIGHT_MAX_IMAGE_PIXELS", defaults.max_pixels)),
             ),
+            allow=tuple(a.strip() for a in (env.get("SAMLIGHT_FETCH_ALLOW") or "").split(",") if a.strip()),
+            failure_ttl_s=float(env.get("SAMLIGHT_FETCH_FAILURE_TTL", 10.0)),
         )
 
 
@@ -124,38 +132,68 @@ class ImageFetcher:
     """URL -> (H, W, 3) uint8 RGB array. Thread-safe; one per process is enough."""
 
     CHUNK = 1 << 16
+    MAX_REDIRECTS = 5
+    STALL_S = 3.0  # longest wait for one read: the deadline is checked between reads
+    REDIRECTS = (301, 302, 303, 307, 308)
 
     def __init__(self, label_studio_url: str | None = None, api_key: str | None = None,
                  limits: ImageLimits = ImageLimits(), timeout_s: float = 15.0,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, allow: tuple[str, ...] = (),
+                 failure_ttl_s: float = 10.0) -> None:
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
+        if self.label_studio_url:
+            self._check_url(self.label_studio_url, what="LABEL_STUDIO_URL")
         self.limits = limits
         self.timeout_s = timeout_s
-        self.session = session or requests.Session()
+        self.session = session or GuardedSession(OutboundPolicy(self.label_studio_url, allow))
         self.auth = (LabelStudioAuth(self.label_studio_url, api_key, self.session, timeout_s)
                      if api_key and self.label_studio_url else None)
+        self.failure_ttl_s = failure_ttl_s
+        self._failures: dict[str, tuple[float, FetchError]] = {}
+        self._failures_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: FetchSettings) -> "ImageFetcher":
-        return cls(settings.label_studio_url, settings.api_key, settings.limits, settings.timeout_s)
+        return cls(settings.label_studio_url, settings.api_key, settings.limits, settings.timeout_s,
+                   allow=settings.allow, failure_ttl_s=settings.failure_ttl_s)
 
     @classmethod
     def from_env(cls, env=None) -> "ImageFetcher":
         return cls.from_settings(FetchSettings.from_env(env))
 
+    # --- URLs -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_url(url: str, what: str = "the image URL") -> str:
+        """``url`` as the HTTP client will send it; refuses what could connect somewhere other than it says."""
+        if "\\" in url or any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+            raise FetchError(f"{what} {url!r} contains a backslash or a control character", 400)
+        try:
+            prepared = requests.Request("GET", url).prepare().url
+        except requests.RequestException as error:
+            raise FetchError(f"{what} {url!r} is not a valid URL: {error}", 400) from None
+        scheme, host, _ = origin(prepared)
+        if scheme not in ("http", "https") or not host:
+            raise FetchError(f"{what} {url!r} must be an http(s) URL with a host", 400)
+        if "@" in urlsplit(prepared).netloc:
+            raise FetchError(f"{what} {url!r} must not contain user info (user@host)", 400)
+        return prepared
+
     def resolve(self, url: str) -> str:
-        """The absolute http(s) URL of a task's image reference."""
+        """The absolute http(s) URL of a task's image reference, as it will be requested."""
         if not isinstance(url, str) or not url.strip():
             raise FetchError("the task has no image URL", 400)
         url = url.strip()
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
-            return url
+            return self._check_url(url)
+        if url.startswith("//"):
+            raise FetchError(f"scheme-relative image URL {url!r} is not supported: use http(s)://", 400)
         if scheme == "" and url.startswith("/"):
             if not self.label_studio_url:
                 raise FetchError(f"the image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL "
                                  "(and LABEL_STUDIO_API_KEY) for the backend", 400)
-            return urljoin(self.label_studio_url + "/", url.lstrip("/"))
+            return self._check_url(urljoin(self.label_studio_url + "/", url.lstrip("/")))
         if scheme == "data":
             raise FetchError("inline data: URLs are not supported; upload the image to Label Studio", 400)
         raise FetchError(f"unsupported image URL {url!r}: expected http(s) or a Label Studio /data/ path", 400)
@@ -166,18 +204,25 @@ class ImageFetcher:
         return "url:" + hashlib.blake2b(resolved.encode(), digest_size=16).hexdigest()
 
     def _is_label_studio(self, url: str) -> bool:
-        return self.label_studio_url is not None and _origin(url) == _origin(self.label_studio_url)
+        return self.label_studio_url is not None and origin(url) == origin(self.label_studio_url)
+
+    # --- fetching ---------------------------------------------------------------------------------
 
     def fetch_bytes(self, url: str) -> bytes:
         resolved = self.resolve(url)
-        to_label_studio = self._is_label_studio(resolved)
-        response = self._get(resolved, to_label_studio)
-        if response.status_code in (401, 403) and to_label_studio and self.auth and self.auth.is_personal_token:
-            response.close()  # the access token may have been revoked early: one fresh try
-            response = self._get(resolved, to_label_studio, force_refresh=True)
-        with response:
-            self._check_status(response, resolved, to_label_studio)
-            return self._read_limited(response, resolved)
+        with self._failures_lock:
+            failed = self._failures.get(resolved)
+        if failed is not None and failed[0] > time.monotonic():
+            raise failed[1]
+        try:
+            return self._download(resolved)
+        except FetchError as error:
+            if error.status != 400:
+                with self._failures_lock:
+                    now = time.monotonic()
+                    self._failures = {u: f for u, f in self._failures.items() if f[0] > now}
+                    self._failures[resolved] = (now + self.failure_ttl_s, error)
+            raise
 
     def fetch(self, url: str) -> np.ndarray:
         data = self.fetch_bytes(url)
@@ -186,18 +231,42 @@ class ImageFetcher:
         except ImageError as error:
             raise FetchError(str(error), 422) from None
 
-    def _get(self, url: str, to_label_studio: bool, force_refresh: bool = False) -> requests.Response:
+    def _download(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        to_label_studio = self._is_label_studio(url)
+        response = self._get(url, to_label_studio, deadline)
+        if response.status_code in (401, 403) and to_label_studio and self.auth and self.auth.is_personal_token:
+            response.close()  # the access token may have been revoked early: one fresh try
+            response = self._get(url, to_label_studio, deadline, force_refresh=True)
+        for _ in range(self.MAX_REDIRECTS):
+            if response.status_code not in self.REDIRECTS or "Location" not in response.headers:
+                break
+            response.close()
+            url = self._check_url(urljoin(url, response.headers["Location"]), what="the redirect")
+            to_label_studio = False  # the token never follows a redirect
+            response = self._get(url, to_label_studio, deadline)
+        with response:
+            self._check_status(response, url, to_label_studio)
+            return self._read_limited(response, url, deadline)
+
+    def _get(self, url: str, to_label_studio: bool, deadline: float, force_refresh: bool = False) -> requests.Response:
         headers = {"Accept": "*/*"}  # Label Studio answers 406 to "Accept: image/*"
         if to_label_studio and self.auth is not None:
             headers.update(self.auth.header(force_refresh))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504)
         try:
-            # redirects are followed by requests, which drops Authorization when the host changes
-            return self.session.get(url, headers=headers, stream=True, timeout=self.timeout_s)
+            return self.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                    timeout=(remaining, min(remaining, self.STALL_S)))
+        except (requests.ConnectionError, requests.ConnectTimeout) as error:
+            # one answer for refused, unresolvable and unreachable targets; the log has the cause
+            log.info("fetching %s failed: %s", url, error)
+            parts = urlsplit(url)
+            raise FetchError(f"cannot fetch {url}: {parts.scheme}://{parts.netloc} is not reachable or not an "
+                             "allowed address (SAMLIGHT_FETCH_ALLOW)", 502) from None
         except requests.Timeout:
             raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504) from None
-        except requests.ConnectionError:
-            parts = urlsplit(url)
-            raise FetchError(f"cannot connect to {parts.scheme}://{parts.netloc} to fetch {url}", 502) from None
         except requests.RequestException as error:
             raise FetchError(f"cannot fetch {url}: {error.__class__.__name__}: {error}", 502) from None
 
@@ -217,23 +286,29 @@ class ImageFetcher:
                 raise FetchError(f"Label Studio refused the image (HTTP {code}) at {url}: {hint}", 502)
             raise FetchError(f"the image server refused {url} (HTTP {code}); the Label Studio token is only "
                              "sent to LABEL_STUDIO_URL's host", 502)
+        if code in self.REDIRECTS:
+            raise FetchError(f"too many redirects fetching {url}", 502)
         raise FetchError(f"fetching {url} failed with HTTP {code}", 502)
 
-    def _read_limited(self, response: requests.Response, url: str) -> bytes:
+    def _read_limited(self, response: requests.Response, url: str, deadline: float) -> bytes:
         limit = self.limits.max_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise FetchError(f"{url}: {declared} bytes exceeds the limit of {limit}", 413)
-        deadline = time.monotonic() + self.timeout_s
         chunks, total = [], 0
         try:
-            for chunk in response.iter_content(self.CHUNK):
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError(f"timed out after {self.timeout_s:g}s reading {url}", 504)
+                # read1: one socket read, so that a server trickling bytes cannot hold us past the deadline
+                chunk = response.raw.read1(self.CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 total += len(chunk)
                 if total > limit:
                     raise FetchError(f"{url}: more than {limit} bytes (the limit)", 413)
-                if time.monotonic() > deadline:
-                    raise FetchError(f"timed out after {self.timeout_s:g}s reading {url}", 504)
                 chunks.append(chunk)
-        except requests.RequestException as error:
-            raise FetchError(f"reading {url} failed: {error}", 504 if "timed out" in str(error) else 502) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            timed_out = "timed out" in str(error).lower()
+            raise FetchError(f"reading {url} failed: {error}", 504 if timed_out else 502) from None
         return b"".join(chunks)

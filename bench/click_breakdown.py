@@ -77,7 +77,8 @@ def main(argv=None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="samlight-breakdown-"))
     port = free_port()
-    env = dict(os.environ, LOG_LEVEL="WARNING", MODEL_DIR=str(scratch / "models"))
+    # the image server runs on loopback, which the fetcher refuses unless allowed
+    env = dict(os.environ, LOG_LEVEL="WARNING", MODEL_DIR=str(scratch / "models"), SAMLIGHT_FETCH_ALLOW="127.0.0.1")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(Path(args.redis_server).resolve().parent),
                                                            env.get("LD_LIBRARY_PATH")]))
     os.environ["MODEL_DIR"] = env["MODEL_DIR"]

@@ -59,8 +59,9 @@ class ImageServer:
 
 def worker_env(model_dir: Path, **extra) -> dict:
     env = dict(os.environ)
+    # the test image servers run on loopback, which workers refuse to fetch from unless it is allowed
     env.update({"MODEL_DIR": str(model_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+                "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", "SAMLIGHT_FETCH_ALLOW": "127.0.0.1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -1,5 +1,8 @@
 """ImageFetcher against real local HTTP servers: Label Studio URLs, tokens, limits and clear errors."""
 
+import re
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -57,9 +60,12 @@ def test_personal_access_token_is_reused_while_valid(host):
     assert len(host.issued) == 1
 
 
+LOOPBACK = ("127.0.0.1",)  # the test servers' address, refused unless allowed
+
+
 def test_token_is_sent_only_to_label_studio(host, image_dir):
     with ImageHost(image_dir) as other:
-        fetcher = ImageFetcher(host.url, api_key=host.legacy_token)
+        fetcher = ImageFetcher(host.url, api_key=host.legacy_token, allow=LOOPBACK)
         fetcher.fetch(f"{other.url}/files/photo.jpg")
         assert "Authorization" not in other.requests[-1][2]
         with pytest.raises(FetchError, match="only sent to LABEL_STUDIO_URL"):
@@ -85,8 +91,74 @@ def test_clear_errors(host):
         ImageFetcher(host.url, api_key="wrong").fetch("/data/upload/photo.jpg")
     with pytest.raises(FetchError, match="set LABEL_STUDIO_URL"):
         ImageFetcher().fetch("/data/upload/photo.jpg")
-    with pytest.raises(FetchError, match="cannot connect to http://127.0.0.1:1"):
-        ImageFetcher().fetch("http://127.0.0.1:1/x.jpg")
+    with pytest.raises(FetchError, match="http://127.0.0.1:1 is not reachable"):
+        ImageFetcher(allow=LOOPBACK).fetch("http://127.0.0.1:1/x.jpg")
+    with pytest.raises(FetchError, match="scheme-relative") as info:
+        fetcher.fetch("//example.com/x.jpg")
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("template", [
+    "http://{other}\\@{studio}/data/upload/photo.jpg",  # the client connects to {other}, urlsplit says {studio}
+    "http://{other}\\\\@{studio}/data/upload/photo.jpg",
+    "http://user:pass@{studio}/data/upload/photo.jpg",
+    "http://{studio}@{other}/data/upload/photo.jpg",
+    "http://{other}/x\\@{studio}/data/upload/photo.jpg",
+])
+def test_urls_that_could_misdirect_the_token_are_refused(host, image_dir, template):
+    with ImageHost(image_dir, legacy_token=host.legacy_token) as other:
+        fetcher = ImageFetcher(host.url, api_key=host.legacy_token, allow=LOOPBACK)
+        url = template.format(other=other.url[len("http://"):], studio=host.url[len("http://"):])
+        with pytest.raises(FetchError) as info:
+            fetcher.fetch(url)
+        assert info.value.status == 400 and ("backslash" in str(info.value) or "user info" in str(info.value))
+        assert other.requests == [] and not any("Authorization" in h for _, _, h in host.requests)
+
+
+def test_redirects_never_carry_the_token(host, image_dir):
+    with ImageHost(image_dir, legacy_token=host.legacy_token) as other:
+        fetcher = ImageFetcher(host.url, api_key=host.legacy_token, allow=LOOPBACK)
+        # Label Studio redirects to another server: followed, without the token
+        image = fetcher.fetch(f"/data/upload/redirect?to={other.url}/files/photo.jpg")
+        assert np.array_equal(image, load_image(image_dir / "photo.jpg"))
+        assert host.requests[-1][2]["Authorization"] == f"Token {host.legacy_token}"
+        assert "Authorization" not in other.requests[-1][2]
+        # not even back to Label Studio itself (whose upload then refuses the unauthenticated request)
+        with pytest.raises(FetchError, match=r"refused .* \(HTTP 401\)"):
+            fetcher.fetch(f"/data/upload/redirect?to={other.url}/redirect?to={host.url}/data/upload/photo.jpg")
+        assert "Authorization" not in host.requests[-1][2]
+
+
+def test_private_addresses_are_refused_like_unreachable_ones(host, image_dir):
+    with ImageHost(image_dir) as other:
+        fetcher = ImageFetcher(host.url, api_key=host.legacy_token)  # no allow-list: loopback is private
+        errors = []
+        for url in (f"{other.url}/files/photo.jpg", "http://127.0.0.1:1/x.jpg",
+                    f"/data/upload/redirect?to={other.url}/files/photo.jpg"):
+            with pytest.raises(FetchError) as info:
+                fetcher.fetch(url)
+            errors.append((info.value.status, re.sub(r"http://127\.0\.0\.1:\d+\S*", "URL", str(info.value))))
+        assert other.requests == []
+        assert len(set(errors)) == 1, errors  # the same answer: no port-scan oracle
+        # the Label Studio origin itself is always allowed, even on loopback
+        fetcher.fetch("/data/upload/photo.jpg")
+
+
+def test_the_deadline_covers_the_whole_download(host):
+    fetcher = ImageFetcher(host.url, api_key=host.legacy_token, timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="timed out") as info:
+        fetcher.fetch("/trickle")  # one byte every 0.2 s: every single read is quick
+    assert info.value.status == 504
+    assert time.monotonic() - start < 1.0 + ImageFetcher.STALL_S
+
+
+def test_a_failed_image_is_not_fetched_again_at_once(host):
+    fetcher = ImageFetcher(host.url, api_key=host.legacy_token, failure_ttl_s=30)
+    for _ in range(3):
+        with pytest.raises(FetchError, match="not found"):
+            fetcher.fetch("/data/upload/missing.jpg")
+    assert sum(path == "/data/upload/missing.jpg" for _, path, _ in host.requests) == 1
 
 
 def test_pixel_limit_and_non_image_bytes(host, image_dir):

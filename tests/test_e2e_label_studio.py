@@ -56,7 +56,9 @@ def stack(tmp_path_factory, coco_tiny):
     try:
         studio.start()
         personal_token = studio.api("POST", "/api/token/").json()["token"]
-        common = {"LABEL_STUDIO_URL": studio.url, "SAMLIGHT_TORCH_THREADS": "1", "LOG_LEVEL": "INFO"}
+        # the URL task's image server is on loopback, which the backend refuses unless allowed
+        common = {"LABEL_STUDIO_URL": studio.url, "SAMLIGHT_TORCH_THREADS": "1", "LOG_LEVEL": "INFO",
+                  "SAMLIGHT_FETCH_ALLOW": "127.0.0.1"}
         random_backend = Backend(root / "random", free_port(),
                                  {**common, "LABEL_STUDIO_API_KEY": personal_token},
                                  ["--random", "lightening_test", "--workers", "2", "--threads", "4"]).start()

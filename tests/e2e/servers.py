@@ -22,7 +22,8 @@ class ImageHost:
 
     Label Studio's rules: ``Authorization: Token <legacy>`` or ``Bearer <access>`` where the access token came
     from ``POST /api/token/refresh/`` with the personal (refresh) token. Special paths: ``/slow`` (sleeps),
-    ``/text`` (HTML), ``/big`` (many bytes). Every request's headers are recorded in ``requests``.
+    ``/text`` (HTML), ``/big`` (many bytes), ``/trickle`` (one byte every 0.2 s, for a minute), ``/redirect?to=URL``
+    (302). Every request's headers are recorded in ``requests``.
     """
 
     def __init__(self, directory: Path, legacy_token: str = "legacy-token-123",
@@ -92,6 +93,25 @@ class ImageHost:
                     return self._send(200, b"<html>login</html>", "text/html; charset=utf-8")
                 if path == "/big":
                     return self._send(200, b"\0" * 200_000, "image/jpeg")
+                if path == "/redirect" or path.startswith("/data/upload/redirect"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("to=", 1)[1] if "to=" in self.path else "/")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                if path == "/trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", "300")
+                    self.end_headers()
+                    try:
+                        for _ in range(300):
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return None
                 if path.startswith("/data/upload/"):
                     if not host.authorized(self.headers.get("Authorization")):
                         return self._send(401, b'{"detail": "Authentication credentials were not provided."}',
