@@ -47,12 +47,33 @@ def error_response(message: str, status: int) -> Response:
     return response
 
 
+MAX_JSON_DEPTH = 64  # Label Studio's deepest payloads (annotations in webhooks) nest about 8 levels
+
+
+def _json_depth_exceeds(data, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return False
+
+
 def _json_body() -> dict:
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = request.get_json(silent=True, force=True)
+    except RecursionError:
+        raise ApiError(f"the request JSON is nested more than {MAX_JSON_DEPTH} levels deep", 400) from None
     if data is None:
         raise ApiError("the request body must be JSON", 400)
     if not isinstance(data, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(data).__name__}", 400)
+    if _json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise ApiError(f"the request JSON is nested more than {MAX_JSON_DEPTH} levels deep", 400)
     return data
 
 
@@ -91,9 +112,10 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if not settings.basic_auth_user:
             return None
         auth = request.authorization
+        # compared as UTF-8 bytes: compare_digest refuses non-ASCII str, and a client may send any bytes
         ok = (auth is not None and auth.type == "basic"
-              and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-              and hmac.compare_digest(auth.password or "", settings.basic_auth_pass or ""))
+              and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+              and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode()))
         if not ok:
             response = error_response("basic authentication required", 401)
             response.headers["WWW-Authenticate"] = 'Basic realm="samlight"'

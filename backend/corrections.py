@@ -17,9 +17,70 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
+from backend.errors import StatusError
 from backend.rle import rle_to_mask
 
-RECORDED_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"})
+RECORDED_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+                             "START_TRAINING"})
+
+
+class EventError(StatusError):
+    """A webhook payload that cannot be a Label Studio event of its action (400); nothing is stored."""
+
+
+def _annotation(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise EventError(f"{where} must be an object, got {type(value).__name__}")
+    identity = value.get("id")
+    if isinstance(identity, bool) or not isinstance(identity, (int, str)) or identity == "":
+        raise EventError(f"{where}.id is required (a number or a string), got {identity!r}")
+    if not isinstance(value.get("result", []), list):
+        raise EventError(f"{where}.result must be a list")
+    return value
+
+
+def _task(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EventError(f"{where} must be an object, got {type(value).__name__}")
+    if not isinstance(value.get("data", {}), dict):
+        raise EventError(f"{where}.data must be an object, got {type(value.get('data')).__name__}")
+    return value
+
+
+def webhook_events(payload: dict) -> list[dict]:
+    """The events to record for one webhook payload, checked; ``[]`` for actions that are not recorded.
+
+    A bulk ``ANNOTATIONS_CREATED`` (Label Studio's "predictions to annotations", imports) becomes one
+    ``ANNOTATION_CREATED`` per annotation, each with its own task, so it is stored like a single one.
+    """
+    action = payload.get("action")
+    if action not in RECORDED_EVENTS:
+        return []
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        _annotation(payload.get("annotation"), "annotation")
+        _task(payload.get("task"), "task")
+        return [payload]
+    if action == "ANNOTATIONS_CREATED":
+        annotations, tasks = payload.get("annotation"), payload.get("task") or []
+        if not isinstance(annotations, list) or not isinstance(tasks, list):
+            raise EventError("ANNOTATIONS_CREATED needs 'annotation' (and 'task') as lists")
+        by_id = {t.get("id"): t for t in (_task(t, "task[]") for t in tasks)}
+        events = []
+        for index, annotation in enumerate(annotations):
+            annotation = _annotation(annotation, f"annotation[{index}]")
+            task = by_id.get(annotation.get("task"), {"id": annotation.get("task")})
+            events.append({"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task,
+                           "project": payload.get("project")})
+        return events
+    if action == "ANNOTATIONS_DELETED":
+        deleted = payload.get("annotations")
+        if not isinstance(deleted, list):
+            raise EventError("ANNOTATIONS_DELETED needs 'annotations' as a list")
+        for index, annotation in enumerate(deleted):
+            _annotation(annotation, f"annotations[{index}]")
+    return [payload]
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from backend.corrections import RECORDED_EVENTS, CorrectionSink
+from backend.corrections import CorrectionSink, webhook_events
 from backend.images import FetchError, ImageFetcher
 from backend.jobs import SegmentJob
 from backend.labels import LabelingSchema, parse_config
@@ -132,8 +132,10 @@ class SamLightModel:
     # --- training events ------------------------------------------------------------------------
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """Record correction and training events durably; acknowledge the others without storing them."""
-        if event not in RECORDED_EVENTS:
+        """Record correction and training events durably (``EventError`` if malformed); ignore the others."""
+        events = webhook_events({**data, "action": event})
+        if not events:
             return {"status": "ignored", "action": event}
-        self.services.sink.record(data)
-        return {"status": "recorded", "action": event}
+        for item in events:
+            self.services.sink.record(item)
+        return {"status": "recorded", "action": event, "events": len(events)}

@@ -2,7 +2,9 @@
 
 ``context.result`` holds the annotator's smart regions: keypoints (``is_positive``; missing means positive)
 and/or rectangles, with ``x``, ``y``, ``width``, ``height`` in percent of ``original_width`` /
-``original_height``. All keypoints are used together; of several rectangles, the last one.
+``original_height``. All keypoints are used together; of several rectangles, the last one. A click carries at
+most ``MAX_KEYPOINTS`` keypoints and ``MAX_RECTANGLES`` rectangles (an annotator makes a handful; more is a
+broken or hostile client, and each point costs decoder memory).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import math
 from dataclasses import dataclass
 
 from backend.labels import LabelingSchema
+
+
+MAX_KEYPOINTS = 64
+MAX_RECTANGLES = 32
 
 
 class PromptError(ValueError):
@@ -28,9 +34,20 @@ class Prompt:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PromptError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PromptError(f"{what} must be a finite number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > 1e9:
+        raise PromptError(f"{what} must be a finite number of reasonable size, got {_short(value)}")
+    return number
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _size(item: dict) -> tuple[int, int]:
@@ -65,11 +82,15 @@ def parse_context(context: dict, schema: LabelingSchema) -> Prompt:
     items = context.get("result")
     if not isinstance(items, list) or not items:
         raise PromptError("context.result must be a non-empty list of keypoint or rectangle regions")
+    if len(items) > MAX_KEYPOINTS + MAX_RECTANGLES:
+        raise PromptError(f"context.result has {len(items)} regions; a click may carry at most {MAX_KEYPOINTS} "
+                          f"keypoints and {MAX_RECTANGLES} rectangles")
     points: list[list[float]] = []
     labels: list[int] = []
     box = None
     label = None
     size = None
+    rectangles = 0
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise PromptError(f"context.result[{index}] must be an object")
@@ -78,8 +99,8 @@ def parse_context(context: dict, schema: LabelingSchema) -> Prompt:
         if kind not in ("keypointlabels", "keypoint", "rectanglelabels", "rectangle"):
             raise PromptError(f"context.result[{index}]: unsupported region type {item.get('type')!r} "
                               "(expected keypointlabels or rectanglelabels)")
-        if from_name is not None and from_name not in schema.prompts:
-            raise PromptError(f"context.result[{index}]: {from_name!r} is not a KeyPointLabels/RectangleLabels "
+        if from_name is not None and (not isinstance(from_name, str) or from_name not in schema.prompts):
+            raise PromptError(f"context.result[{index}]: {_short(from_name)} is not a KeyPointLabels/RectangleLabels "
                               f"control of the labeling config (have {sorted(schema.prompts)})")
         value = item.get("value")
         if not isinstance(value, dict):
@@ -99,5 +120,10 @@ def parse_context(context: dict, schema: LabelingSchema) -> Prompt:
             points.append([x, y])
             labels.append(0 if item.get("is_positive", True) is False else 1)
         else:
+            rectangles += 1
+            if rectangles > MAX_RECTANGLES:
+                raise PromptError(f"more than {MAX_RECTANGLES} rectangles in one call")
             box = _rectangle_box(value, width, height)
+    if len(points) > MAX_KEYPOINTS:
+        raise PromptError(f"{len(points)} keypoints in one click; at most {MAX_KEYPOINTS}")
     return Prompt(points or None, labels or None, box, label, size[0], size[1])

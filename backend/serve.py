@@ -60,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     env = environment(args, dict(os.environ))
-    if not env.get("REDIS_URL"):
-        from backend.segmenter import ModelSource
+    from backend.segmenter import ModelSource
+    from backend.settings import BackendSettings
 
-        try:  # a clear error here rather than gunicorn workers failing to boot
+    try:  # a clear error here rather than gunicorn workers failing to boot
+        BackendSettings.from_env(env)
+        if not env.get("REDIS_URL"):
             ModelSource.from_env(env).validate()
-        except ValueError as error:
-            print(f"samlight-serve: error: {error}", file=sys.stderr)
-            return 2
+    except ValueError as error:
+        print(f"samlight-serve: error: {error}", file=sys.stderr)
+        return 2
     conf = Path(__file__).with_name("gunicorn_conf.py")
     command = [sys.executable, "-m", "gunicorn", "--config", str(conf), "backend.app:create_app()"]
     log.info("starting: %s", " ".join(command))

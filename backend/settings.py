@@ -57,6 +57,9 @@ class BackendSettings:
         )
 
     def __post_init__(self) -> None:
+        if self.basic_auth_user and not self.basic_auth_pass:
+            raise ValueError("BASIC_AUTH_USER is set without BASIC_AUTH_PASS: set a password (an empty one would "
+                             "let anyone in who knows the user name)")
         # several embedded processes share the cores instead of each running one torch thread per core
         embedded = self.segmenter.embedded
         if embedded.torch_threads is None and self.workers > 1:

@@ -18,6 +18,8 @@ class ImageError(ValueError):
 class ImageLimits:
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 100_000_000
+    # SAM resizes the longest side to 1024: beyond 64:1 the short side is under 16 pixels of the model input
+    max_aspect: float = 64.0
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), name: str = "image") -> np.ndarray:
@@ -31,6 +33,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), name: str = "
                 raise ImageError(
                     f"{name}: {image.width}x{image.height} pixels exceeds the limit of {limits.max_pixels}"
                 )
+            if max(image.size) > limits.max_aspect * min(image.size):
+                raise ImageError(f"{name}: {image.width}x{image.height} is too elongated to segment (aspect ratio "
+                                 f"above {limits.max_aspect:g}:1)")
             return to_rgb_array(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
         raise ImageError(f"{name}: not a decodable image ({error})") from None

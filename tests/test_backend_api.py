@@ -4,6 +4,7 @@ Most tests use the test-only geometry model (a box answers with that box, a poin
 they can check where each mask lands; ``test_real_model_*`` run a seeded random ``lightening_test``.
 """
 
+import base64
 import json
 import subprocess
 import sys
@@ -259,6 +260,70 @@ def test_bad_requests_get_400_with_a_message(client, photo):
         assert response.status.split(" ", 1)[1] != "BAD REQUEST"
 
 
+def nested(depth: int):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_malformed_input_gets_4xx_never_500(client, photo, tmp_path):
+    """The fuzz cases of the hardening campaign: each answers 4xx with a message, nothing is stored."""
+    point = keypoint(50, 50, photo)
+    webhook_dir = client.application.extensions["samlight"].sink.directory
+    recorded_before = len(list(FileCorrectionSink(webhook_dir).events()))
+    cases = {
+        "deep JSON": ("/predict", '{"tasks": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "JSON past the depth limit": ("/predict", {**predict_body(photo, None), "x": nested(70)}),
+        "from_name is a list": ("/predict", predict_body(photo, {"result": [{**point, "from_name": ["point"]}]})),
+        "from_name is an object": ("/predict", predict_body(photo, {"result": [{**point, "from_name": {"a": 1}}]})),
+        "huge integer coordinate": ("/predict", predict_body(photo, {"result": [
+            {**point, "value": {**point["value"], "x": 10 ** 400}}]})),
+        "huge original_width": ("/predict", predict_body(photo, {"result": [{**point, "original_width": 10 ** 30}]})),
+        "8000 keypoints": ("/predict", predict_body(photo, {"result": [point] * 8000})),
+        "65 keypoints": ("/predict", predict_body(photo, {"result": [point] * 65})),
+        "33 rectangles": ("/predict", predict_body(photo, {"result": [rectangle(5, 5, 20, 20, photo)] * 33})),
+        "webhook without annotation.id": ("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"result": []}}),
+        "webhook annotation is a string": ("/webhook", {"action": "ANNOTATION_UPDATED", "annotation": "x"}),
+        "webhook task.data is a string": ("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 5},
+                                                       "task": {"id": 1, "data": "image.jpg"}}),
+        "bulk webhook not a list": ("/webhook", {"action": "ANNOTATIONS_CREATED", "annotation": {"id": 1}}),
+        "delete without ids": ("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"x": 1}]}),
+        "extra_params not JSON": ("/setup", {"schema": SMART_CONFIG, "extra_params": "{"}),
+    }
+    for name, (path, body) in cases.items():
+        data = body if isinstance(body, str) else json.dumps(body)
+        response = client.post(path, data=data, content_type="application/json")
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.get_json())
+        assert response.get_json()["error"], name
+    assert len(list(FileCorrectionSink(webhook_dir).events())) == recorded_before  # nothing malformed stored
+
+
+def test_extreme_images_get_a_clear_4xx(tmp_path):
+    Image.new("RGB", (5000, 1)).save(tmp_path / "strip.png")
+    with ImageHost(tmp_path) as host:
+        client = make_app(host, tmp_path / "models", ModelSource(test_model="geometry")).test_client()
+        body = predict_body({"url": "/data/upload/strip.png", "width": 5000, "height": 1},
+                            {"result": [keypoint(50, 50, {"width": 5000, "height": 1})]})
+        response = client.post("/predict", json=body)
+        assert response.status_code == 422 and "aspect ratio" in response.get_json()["error"]
+
+
+def test_bulk_annotations_created_is_recorded_per_annotation(host, tmp_path):
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"))
+    client = app.test_client()
+    sink = FileCorrectionSink(app.extensions["samlight"].sink.directory)
+    before = len(list(sink.events()))
+    tasks = [{"id": 11, "data": {"image": "/data/upload/a.jpg"}}, {"id": 12, "data": {"image": "/data/upload/b.jpg"}}]
+    annotations = [{"id": 101, "task": 12, "result": []}, {"id": 102, "task": 11, "result": []}]
+    response = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "annotation": annotations,
+                                             "task": tasks, "project": {"id": 1}})
+    assert response.status_code == 200 and response.get_json()["events"] == 2
+    recorded = list(sink.events())[before:]
+    assert [(e["action"], e["annotation"]["id"], e["task"]["data"]["image"]) for e in recorded] == [
+        ("ANNOTATION_CREATED", 101, "/data/upload/b.jpg"), ("ANNOTATION_CREATED", 102, "/data/upload/a.jpg")]
+
+
 def test_image_failures_are_clear(client, photo):
     missing = dict(photo, url="/data/upload/missing.jpg")
     response = client.post("/predict", json=predict_body(missing, {"result": [keypoint(5, 5, photo)]}))
@@ -290,6 +355,14 @@ def test_basic_auth(host, tmp_path):
     assert client.get("/health", auth=("ann", "wrong")).status_code == 401
     assert client.get("/health", auth=("ann", "s3cret")).status_code == 200
     assert client.post("/setup", auth=("ann", "s3cret"), json={"schema": SMART_CONFIG}).status_code == 200
+    # non-ASCII credentials are simply wrong (not a 500); a user without a password cannot be configured
+    headers = {"Authorization": "Basic " + base64.b64encode("änn:sécret".encode()).decode()}
+    assert client.get("/health", headers=headers).status_code == 401
+    unicode = make_app(host, tmp_path, ModelSource(test_model="geometry"), basic_auth_user="änn",
+                       basic_auth_pass="sécret").test_client()
+    assert unicode.get("/health", headers=headers).status_code == 200
+    with pytest.raises(ValueError, match="without BASIC_AUTH_PASS"):
+        make_app(host, tmp_path, ModelSource(test_model="geometry"), basic_auth_user="ann")
 
 
 # --- webhooks and corrections -------------------------------------------------------------------------------

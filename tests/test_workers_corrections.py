@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from _workers_support import REPO, stop, worker_env
-from workers.corrections import CorrectionStore, RedisCorrectionSink
+from workers.corrections import CorrectionStore, LocalLog, RedisCorrectionSink
 from workers.settings import WorkerSettings, connect
 
 
@@ -104,6 +104,42 @@ def test_redis_restart_loses_no_correction(redis_server, tmp_path):
     assert sink.local.pending() == 0
     ids = {c.annotation_id for c in CorrectionStore(connect(redis_server.url)).all()}
     assert ids == {str(i) for i in range(30)} - {"3"}
+
+
+@pytest.mark.parametrize("failure", ["maxmemory", "readonly"])
+def test_redis_error_replies_lose_no_correction(redis_server, tmp_path, failure):
+    """Redis answering with an error (OOM under noeviction, a read-only replica) is not a lost event."""
+    sink = make_sink(redis_server, tmp_path)
+    admin = connect(redis_server.url)
+    sink.record(event(1, 1, "ANNOTATION_CREATED"))
+    if failure == "maxmemory":
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.set("ballast", "x" * 2_000_000)
+        admin.config_set("maxmemory", "1mb")
+    else:
+        admin.replicaof("127.0.0.1", "1")  # a replica of nothing: every write is refused with READONLY
+    outcomes = [sink.record(event(i, 1, "ANNOTATION_CREATED")) for i in range(2, 7)]
+    assert [o["durable"] for o in outcomes] == ["local-log"] * 5 and sink.local.pending() == 5
+    if failure == "maxmemory":
+        admin.config_set("maxmemory", "0")
+    else:
+        admin.replicaof("NO", "ONE")
+    deadline = time.monotonic() + 15  # the background replayer moves the log in without a new event
+    while sink.local.pending() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {c.annotation_id for c in CorrectionStore(admin).all()} == {str(i) for i in range(1, 7)}
+
+
+def test_logged_events_are_replayed_at_start_up(redis_server, tmp_path):
+    # what a backend process left in its log before it exited, with Redis down
+    log = LocalLog(tmp_path / "models" / "corrections" / "redis-pending.jsonl")
+    log.append(event(1, 1, "ANNOTATION_CREATED"))
+    log.append(event(2, 1, "ANNOTATION_CREATED"))
+    sink = make_sink(redis_server, tmp_path)  # a new process: replays without waiting for a new event
+    deadline = time.monotonic() + 15
+    while sink.local.pending() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {c.annotation_id for c in CorrectionStore(connect(redis_server.url)).all()} == {"1", "2"}
 
 
 def test_start_training_and_threshold_enqueue_one_job(redis_server, tmp_path):

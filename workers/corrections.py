@@ -5,8 +5,9 @@
 * A create/update is applied only when its ``updated_at`` is newer than the stored one, so redelivered
   and replayed events merge; a deletion removes the correction and leaves a tombstone so that a late or
   replayed create of the same annotation cannot bring it back.
-* When Redis is down, events go to a local append-only log (``MODEL_DIR/corrections/redis-pending.jsonl``,
-  fsynced) and are replayed, in order, by the next write or health check that reaches Redis.
+* When Redis cannot take an event (down, timing out, or answering an error such as OOM or READONLY), it goes
+  to a local append-only log (``MODEL_DIR/corrections/redis-pending.jsonl``, fsynced) and is replayed, in
+  order, at start-up and in the background until the log is empty (and before every new event).
 """
 
 from __future__ import annotations
@@ -209,9 +210,11 @@ class RedisCorrectionSink:
         self.local = LocalLog(directory / "redis-pending.jsonl")
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
+        if self.local.pending():  # events a previous process could not store: replay them without waiting
+            self._start_replayer()
 
     def record(self, event: dict) -> dict:
-        """Store one webhook event; never raises for Redis outages (the event is logged locally)."""
+        """Store one webhook event; never raises for Redis failures (the event is logged locally)."""
         import redis
 
         action = event.get("action")
@@ -227,8 +230,9 @@ class RedisCorrectionSink:
             outcome = self.store.apply(event)
             self._maybe_train()
             return dict(outcome, durable="redis")
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            log.warning("Redis unreachable (%s): %s kept in the local log", error, action)
+        except redis.RedisError as error:  # connection, timeout, and error replies (OOM, READONLY, ...)
+            log.warning("Redis could not take the event (%s: %s): %s kept in the local log",
+                        error.__class__.__name__, error, action)
             self.local.append(event)
             self._start_replayer()
             return {"action": action, "durable": "local-log"}
@@ -241,11 +245,11 @@ class RedisCorrectionSink:
 
             def loop():
                 while self.local.pending():
-                    time.sleep(interval_s)
                     try:
                         self.replay()
-                    except Exception as error:  # still down: try again later
+                    except Exception as error:  # still failing: try again later
                         log.debug("replay postponed: %s", error)
+                        time.sleep(interval_s)
 
             self._replayer = threading.Thread(target=loop, name="corrections-replay", daemon=True)
             self._replayer.start()
@@ -271,7 +275,10 @@ class RedisCorrectionSink:
 
                 enqueue_training(self.redis, self.settings, reason="START_TRAINING (replayed)")
             else:
-                self.store.apply(event)
+                try:
+                    self.store.apply(event)
+                except ValueError as error:  # never valid (events are checked before they are logged)
+                    log.error("dropping an unreadable logged correction event: %s", error)
 
         replayed = self.local.drain(apply)
         if replayed:
