@@ -149,11 +149,16 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
     @app.get("/")
     @app.get("/health")
     def health():
+        """UP; DEGRADED (200: clicks are answered, something needs a look); DOWN (503: no click can be)."""
         details = segmenter.health()
-        healthy = "error" not in details
-        body = {"status": "UP" if healthy else "ERROR", "model_class": SamLightModel.__name__,
-                "model_version": segmenter.model_version, **details, "failures": failures.summary()}
-        return jsonify(body), 200 if healthy else 503
+        corrections = services.sink.health() if hasattr(services.sink, "health") else {}
+        degraded = []
+        if corrections.get("pending_local"):
+            degraded.append(f"{corrections['pending_local']} correction event(s) wait in the local log for Redis")
+        status = "DOWN" if "error" in details else ("DEGRADED" if degraded else "UP")
+        body = {"status": status, "model_class": SamLightModel.__name__, "model_version": segmenter.model_version,
+                **details, "degraded": degraded, "corrections": corrections, "failures": failures.summary()}
+        return jsonify(body), 503 if status == "DOWN" else 200
 
     @app.post("/setup")
     def setup():

@@ -94,8 +94,9 @@ class RQSegmenter:
         names = (redis or self.redis).zrangebyscore(self.settings.keys.heartbeats, cutoff, "+inf")
         return [n.decode() for n in names]
 
-    def _queues_for(self, payloads: list[dict]) -> tuple[list[Queue], list[str]]:
-        """Each job's queue: the worker holding (or claimed for) its image, the shared queue without a key."""
+    def _queues_for(self, payloads: list[dict], bulk: bool = False) -> tuple[list[Queue], list[str]]:
+        """Each job's queue: the worker holding (or claimed for) its image, the shared queue without a key;
+        ``bulk`` work (prewarm) goes to the matching bulk queues, which workers take only when no click waits."""
         keys = [p["job"].get("image_key") for p in payloads]
         route_keys = [self.settings.keys.image_route(k) if isinstance(k, str) and k else None for k in keys]
         with self.redis.pipeline(transaction=False) as pipe:
@@ -125,15 +126,15 @@ class RQSegmenter:
                 for route_key, worker in claims.items():
                     pipe.set(route_key, worker, ex=self.settings.route_ttl_s)
                 pipe.execute()
+        keys = self.settings.keys
         queues = []
         for worker in chosen:
+            self.stats["shared" if worker is None else "routed"] += 1
             if worker is None:
-                self.stats["shared"] += 1
-                queues.append(self.shared)
+                name = keys.shared_bulk_queue if bulk else keys.shared_queue
             else:
-                self.stats["routed"] += 1
-                queues.append(Queue(self.settings.keys.worker_queue(worker), connection=self.redis,
-                                    serializer=JSONSerializer))
+                name = keys.worker_bulk_queue(worker) if bulk else keys.worker_queue(worker)
+            queues.append(Queue(name, connection=self.redis, serializer=JSONSerializer))
         return queues, alive
 
     # --- jobs ------------------------------------------------------------------------------------
@@ -151,15 +152,15 @@ class RQSegmenter:
                 payload["reply_to"] = self.settings.keys.reply(job_id)
         ttl_s = max(1, math.ceil(deadline_ms / 1000))
         try:
-            queues, _ = self._queues_for(payloads)
+            queues, _ = self._queues_for(payloads, bulk=kind != "click")
             with self.redis.pipeline() as pipe:
                 for job_id, payload, queue in zip(ids, payloads, queues):
                     queue.enqueue(SEGMENT_FUNC, kwargs={"payload": payload}, job_id=job_id, ttl=ttl_s,
                                   result_ttl=60, failure_ttl=300, job_timeout=ttl_s + 30,
                                   description=f"{kind} {payload['job'].get('image_url')}", pipeline=pipe)
                 pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
+        except redis.RedisError as error:  # down, timing out, or refusing writes (OOM, READONLY)
+            raise SegmenterUnavailable(f"Redis cannot take the job: {error.__class__.__name__}: {error}", 503) from None
         return ids, deadline
 
     def _wait(self, ids: list[str], deadline: float) -> dict[str, dict]:
@@ -183,7 +184,7 @@ class RQSegmenter:
                     found[job_id] = json.loads(body)
                 except ValueError:
                     found[job_id] = {"error": "the inference worker sent an unreadable answer", "status": 500}
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:
             raise SegmenterUnavailable(f"Redis is unreachable: {error}", 503) from None
         return found
 
@@ -277,15 +278,32 @@ class RQSegmenter:
         """Versions with sha256, parent, metrics, created_at and which one is active."""
         return self.registry.describe()
 
+    def queue_depth(self, redis) -> dict[str, int]:
+        """Jobs waiting in every samlight inference queue: the shared ones and each worker's own."""
+        prefix = "rq:queue:"
+        keys = self.settings.keys
+        names = sorted(n.decode()[len(prefix):] for n in redis.smembers("rq:queues"))
+        names = [n for n in names if n.startswith((keys.shared_queue, keys.shared_bulk_queue))]
+        with redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(prefix + name)
+            return dict(zip(names, pipe.execute()))
+
     def health(self) -> dict:
-        """Redis and worker status; bounded by a short socket timeout, never blocks on inference."""
+        """Redis and worker status; bounded by a short socket timeout, never blocks on inference.
+
+        ``error`` (which makes ``/health`` answer 503, and Label Studio show the model as disconnected) when
+        Redis is unreachable or no inference worker is alive: no click can be answered then.
+        """
         probe = connect(self.settings.redis_url, timeout_s=0.5)
         try:
             probe.ping()
             workers = self.worker_info(probe)
-            depth = {self.settings.keys.shared_queue: probe.llen(self.shared.key)}
+            depth = self.queue_depth(probe)
             status = {"mode": "rq", "redis": "ok", "workers": workers, "queue_depth": depth,
-                      "fleet": "UP" if workers else "NO_WORKERS"}
+                      "queued": sum(depth.values()), "fleet": "UP" if workers else "NO_WORKERS"}
+            if not workers:
+                status["error"] = "no inference worker is alive (start `python -m workers.inference`)"
         except Exception as error:
             status = {"mode": "rq", "redis": f"unreachable: {error.__class__.__name__}", "workers": [],
                       "fleet": "REDIS_DOWN", "error": f"Redis is unreachable: {error}"}

@@ -37,7 +37,8 @@ class ModelSource:
 
 
 class BatchFetcher:
-    """The worker's fetcher, remembering the images of one batch so each is downloaded once."""
+    """The worker's fetcher, remembering the images of one batch, and their failures, so that each image is
+    downloaded once."""
 
     def __init__(self, fetcher) -> None:
         self.fetcher = fetcher
@@ -45,8 +46,14 @@ class BatchFetcher:
 
     def fetch(self, url: str):
         if url not in self._images:
-            self._images[url] = self.fetcher.fetch(url)
-        return self._images[url]
+            try:
+                self._images[url] = self.fetcher.fetch(url)
+            except Exception as error:  # noqa: BLE001 - re-raised for every job of this image
+                self._images[url] = error
+        image = self._images[url]
+        if isinstance(image, Exception):
+            raise image
+        return image
 
     def __getattr__(self, name):
         return getattr(self.fetcher, name)
@@ -178,8 +185,10 @@ class InferenceRuntime:
     # --- background threads ----------------------------------------------------------------------
 
     def start_background(self, queue_name: str) -> None:
-        threading.Thread(target=self._heartbeat, args=(queue_name,), name="alive", daemon=True).start()
-        threading.Thread(target=self._listen, name="model-events", daemon=True).start()
+        # each start (a restarted work loop) gets its own event: stop() ends exactly the threads it started
+        self._stop = stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(queue_name, stop), name="alive", daemon=True).start()
+        threading.Thread(target=self._listen, args=(stop,), name="model-events", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,7 +198,7 @@ class InferenceRuntime:
         except Exception:
             pass
 
-    def _heartbeat(self, queue_name: str) -> None:
+    def _heartbeat(self, queue_name: str, stop: threading.Event) -> None:
         """Liveness for routing: a key that expires quickly when the process dies."""
         ttl = self.settings.alive_ttl_ms
         while True:
@@ -206,16 +215,16 @@ class InferenceRuntime:
                     pipe.execute()
             except Exception:
                 pass
-            if self._stop.wait(ttl / 3000):
+            if stop.wait(ttl / 3000):
                 return
 
-    def _listen(self) -> None:
+    def _listen(self, stop: threading.Event) -> None:
         """Pub/sub nudge from the registry; the per-job version check covers missed messages."""
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.settings.keys.version_channel)
-                while not self._stop.is_set():
+                while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         try:
@@ -224,7 +233,7 @@ class InferenceRuntime:
                             version = None
                         self.check_version(version)
             except Exception:
-                time.sleep(1.0)
+                stop.wait(1.0)
 
     # --- jobs -------------------------------------------------------------------------------------
 

@@ -32,6 +32,18 @@ class Keys:
     def worker_queue(self, worker: str) -> str:
         return f"{self.prefix}-infer.{worker}"
 
+    # prewarm and batch work: a worker takes these only when no click waits in the queues above
+    @property
+    def shared_bulk_queue(self) -> str:
+        return f"{self.prefix}-bulk"
+
+    def worker_bulk_queue(self, worker: str) -> str:
+        return f"{self.prefix}-bulk.{worker}"
+
+    def inference_queues(self, worker: str) -> list[str]:
+        """An inference worker's queues in the order it takes jobs from them: clicks first."""
+        return [self.worker_queue(worker), self.shared_queue, self.worker_bulk_queue(worker), self.shared_bulk_queue]
+
     @property
     def training_queue(self) -> str:
         return f"{self.prefix}-training"
