@@ -190,8 +190,9 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         else:
             options = project_options.get(project_key(data.get("project")))
         model = SamLightModel(services, label_config, options)
-        if not predict_slots.acquire(blocking=False):
-            raise ApiError("the backend is busy: every inference slot is taken; retry", 503)
+        if not predict_slots.acquire(timeout=settings.slot_wait_s):
+            raise ApiError(f"the backend is busy: all {settings.max_concurrent_predictions} request slots stayed "
+                           f"taken for {settings.slot_wait_s:g}s (raise SAMLIGHT_THREADS)", 503)
         start = time.perf_counter()
         try:
             results = model.predict(tasks, context=params.get("context"))

@@ -128,12 +128,21 @@ class FetchSettings:
         )
 
 
+def _limit_next_read(response: requests.Response, seconds: float) -> None:
+    """Give the response's socket only ``seconds`` for its next read."""
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:  # a closing connection: http.client handed the socket to the response's file object
+        sock = getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(max(0.01, seconds))
+
+
 class ImageFetcher:
     """URL -> (H, W, 3) uint8 RGB array. Thread-safe; one per process is enough."""
 
     CHUNK = 1 << 16
     MAX_REDIRECTS = 5
-    STALL_S = 3.0  # longest wait for one read: the deadline is checked between reads
     REDIRECTS = (301, 302, 303, 307, 308)
 
     def __init__(self, label_studio_url: str | None = None, api_key: str | None = None,
@@ -258,7 +267,7 @@ class ImageFetcher:
             raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504)
         try:
             return self.session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                    timeout=(remaining, min(remaining, self.STALL_S)))
+                                    timeout=(remaining, remaining))
         except (requests.ConnectionError, requests.ConnectTimeout) as error:
             # one answer for refused, unresolvable and unreachable targets; the log has the cause
             log.info("fetching %s failed: %s", url, error)
@@ -298,9 +307,12 @@ class ImageFetcher:
         chunks, total = [], 0
         try:
             while True:
-                if time.monotonic() > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise FetchError(f"timed out after {self.timeout_s:g}s reading {url}", 504)
-                # read1: one socket read, so that a server trickling bytes cannot hold us past the deadline
+                # one socket read (read1), allowed only the time left: a trickling or stalled server cannot
+                # hold the fetch past its deadline
+                _limit_next_read(response, remaining)
                 chunk = response.raw.read1(self.CHUNK, decode_content=True)
                 if not chunk:
                     break

@@ -113,6 +113,9 @@ class EmbeddedSettings:
     # on the CPU: the encoder blocks' linears as int8 GEMMs (VNNI/AMX), compiled; ~25% under cpu_fast,
     # with a small accuracy cost
     cpu_int8: bool = False
+    # model calls at once; a click waits up to slot_wait_s for one (before prewarm work), then gets a 503
+    inference_slots: int = 2
+    slot_wait_s: float = 5.0
 
     @classmethod
     def from_env(cls, env=None) -> "EmbeddedSettings":
@@ -155,6 +158,41 @@ class _KeyLock:
                 self.owner._locks.pop(self.key, None)
 
 
+class ClickFirstSlots:
+    """``n`` inference slots; a click waiting for one always goes before bulk work (prewarm)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.clicks_waiting = 0
+        self._condition = threading.Condition()
+
+    def take(self, click: bool, timeout_s: float):
+        return _Slot(self, click, timeout_s)
+
+
+class _Slot:
+    def __init__(self, slots: ClickFirstSlots, click: bool, timeout_s: float) -> None:
+        self.slots, self.click, self.timeout_s = slots, click, timeout_s
+
+    def __enter__(self):
+        slots = self.slots
+        with slots._condition:
+            slots.clicks_waiting += self.click
+            try:
+                ready = slots._condition.wait_for(
+                    lambda: slots.free > 0 and (self.click or slots.clicks_waiting == 0), self.timeout_s)
+            finally:
+                slots.clicks_waiting -= self.click
+            if not ready:
+                raise JobError(f"the model is busy: no inference slot came free within {self.timeout_s:g}s", 503)
+            slots.free -= 1
+
+    def __exit__(self, *exc):
+        with self.slots._condition:
+            self.slots.free += 1
+            self.slots._condition.notify_all()
+
+
 class InProcessSegmenter:
     """The embedded default: a ``Predictor`` in this process, loaded once, shared by all request threads."""
 
@@ -167,6 +205,7 @@ class InProcessSegmenter:
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
         self._key_locks = _KeyLocks()
+        self._slots = ClickFirstSlots(settings.inference_slots)
         self._prewarm_pool = ThreadPoolExecutor(settings.prewarm_threads, thread_name_prefix="prewarm")
         self._inflight = 0
         self._prewarm_pending = 0
@@ -243,8 +282,23 @@ class InProcessSegmenter:
             self._inflight += 1
         try:
             predictor = self.predictor()
+            click = not job.prewarm_only
             with self._key_locks(job.image_key):
-                return execute(job, predictor, self.fetcher, self.model_version)
+                timings = {}
+                if not predictor.is_cached(job.image_key):
+                    # downloaded outside the inference slots: a slow image server holds up only its own clicks
+                    start = time.perf_counter()
+                    image = self.fetcher.fetch(job.image_url)
+                    timings["fetch"] = (time.perf_counter() - start) * 1000
+                    with self._slots.take(click, self.settings.slot_wait_s):
+                        start = time.perf_counter()
+                        predictor.embed(image, key=job.image_key)
+                        timings["embed"] = (time.perf_counter() - start) * 1000
+                with self._slots.take(click, self.settings.slot_wait_s):
+                    result = execute(job, predictor, self.fetcher, self.model_version)
+                result["cached"] = result["cached"] and not timings
+                result["timings_ms"] = {**timings, **result.get("timings_ms", {})}
+                return result
         except (JobError, FetchError) as error:
             return error_result(error)
         except Exception as error:  # noqa: BLE001 - one job's failure must not take the others down

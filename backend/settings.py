@@ -35,7 +35,7 @@ class BackendSettings:
     host: str = "0.0.0.0"
     port: int = 9090
     workers: int = 1
-    threads: int = 8
+    threads: int = 32  # request threads mostly wait (on a worker's answer, an image, a model slot)
     preload: bool = True  # embedded: start loading the model when the worker starts
     max_request_bytes: int = 256 * 1024 * 1024  # webhook payloads carry whole annotations
 
@@ -52,7 +52,7 @@ class BackendSettings:
             host=env.get("SAMLIGHT_HOST") or "0.0.0.0",
             port=int(env.get("PORT") or 9090),
             workers=int(env.get("SAMLIGHT_WORKERS") or 1),
-            threads=int(env.get("SAMLIGHT_THREADS") or 8),
+            threads=int(env.get("SAMLIGHT_THREADS") or 32),
             preload=flag(env.get("SAMLIGHT_PRELOAD"), True),
         )
 
@@ -73,3 +73,6 @@ class BackendSettings:
     def max_concurrent_predictions(self) -> int:
         # keep two request threads free so /health and /setup never wait behind inference
         return max(1, self.threads - 2)
+
+    # a /predict that finds every slot taken waits this long for one before answering 503
+    slot_wait_s: float = 5.0

@@ -423,9 +423,9 @@ def test_request_path_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_health_answers_while_inference_runs_and_excess_clicks_get_503(host, tmp_path, photo):
-    # three threads per process leave one inference slot; a click on a slow image holds it for two seconds
-    app = make_app(host, tmp_path, ModelSource(test_model="geometry"), threads=3)
+def test_health_answers_while_inference_runs_and_excess_clicks_wait_then_get_503(host, tmp_path, photo):
+    # three threads per process leave one request slot; a click on a slow image holds it for two seconds
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"), threads=3, slot_wait_s=0.3)
     slow = dict(photo, url="/slow")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(response=app.test_client().post(
@@ -442,6 +442,40 @@ def test_health_answers_while_inference_runs_and_excess_clicks_get_503(host, tmp
     assert client.post("/setup", json={"schema": SMART_CONFIG}).status_code == 200
     worker.join()
     assert outcome["response"].status_code == 422  # /slow is not an image, after its delay
+
+
+def test_a_click_waits_for_a_slot_instead_of_being_refused(host, tmp_path, photo):
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"), threads=3)  # default wait: 5 s
+    slow = dict(photo, url="/slow")
+    worker = threading.Thread(target=lambda: app.test_client().post(
+        "/predict", json=predict_body(slow, {"result": [keypoint(5, 5, photo)]})))
+    worker.start()
+    client = app.test_client()
+    while client.get("/health").get_json()["inflight"] == 0:
+        time.sleep(0.01)
+    only_region(client.post("/predict", json=predict_body(photo, {"result": [keypoint(5, 5, photo)]})), photo)
+    worker.join()
+
+
+def test_slow_images_do_not_hold_up_other_clicks(host, tmp_path, photo):
+    # one model slot; three clicks wait on a slow image server meanwhile, without holding that slot
+    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
+                               segmenter=SegmenterSettings(embedded=EmbeddedSettings(
+                                   ModelSource(test_model="geometry"), inference_slots=1)),
+                               model_dir=tmp_path, preload=False)
+    app = create_app(settings)
+    slow = [threading.Thread(target=lambda i=i: app.test_client().post(
+        "/predict", json=predict_body(dict(photo, url=f"/slow?{i}"), {"result": [keypoint(5, 5, photo)]})))
+        for i in range(3)]
+    for thread in slow:
+        thread.start()
+    client = app.test_client()
+    while client.get("/health").get_json()["inflight"] < 3:
+        time.sleep(0.01)
+    only_region(client.post("/predict", json=predict_body(photo, {"result": [keypoint(5, 5, photo)]})), photo)
+    assert all(thread.is_alive() for thread in slow)  # answered while the slow fetches were still running
+    for thread in slow:
+        thread.join()
 
 
 def test_serve_defaults_to_loud_random_weights(caplog):

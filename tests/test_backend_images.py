@@ -150,7 +150,7 @@ def test_the_deadline_covers_the_whole_download(host):
     with pytest.raises(FetchError, match="timed out") as info:
         fetcher.fetch("/trickle")  # one byte every 0.2 s: every single read is quick
     assert info.value.status == 504
-    assert time.monotonic() - start < 1.0 + ImageFetcher.STALL_S
+    assert time.monotonic() - start < 2.0  # the 1 s deadline, not the 60 s the server would take
 
 
 def test_a_failed_image_is_not_fetched_again_at_once(host):

@@ -121,3 +121,19 @@ def test_health_is_down_without_workers_and_counts_every_queue(stack):
     body = health.get_json()
     assert body["status"] == "DOWN" and body["workers"] == [] and "no inference worker" in body["error"]
     assert body["queued"] == 1 and body["queue_depth"] == {"samlight-bulk.w1": 1}
+
+
+def test_a_slow_image_holds_up_only_its_own_clicks(stack):
+    url = stack["images"].url(stack["names"][5], slow=True)  # the server answers after 4 s
+    slow_job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), points=[[100.0, 80.0]],
+                          point_labels=[1])
+    started = time.monotonic()
+    [slow, fast] = stack["segmenter"].segment([slow_job, SegmentJob(
+        image_url=stack["images"].url(stack["names"][6]), image_key=ImageFetcher().image_key(
+            stack["images"].url(stack["names"][6])), points=[[100.0, 80.0]], point_labels=[1])])
+    assert "error" not in fast, fast
+    assert slow["status"] == 504 and "still downloading" in slow["error"]
+    assert time.monotonic() - started < 4.0  # neither waited for the slow server
+    time.sleep(4.5)  # the download finished in the background: the next click on it is served
+    [again] = stack["segmenter"].segment([slow_job])
+    assert "error" not in again, again

@@ -233,6 +233,16 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
                 break
             time.sleep(0.2)
         time.sleep(1.0)
+        # what is reported is what serves, not the rejected active key
+        assert segmenter.model_version == record.version and segmenter.versions()[0] == record.version
+        # a worker (re)started now goes back to the last version that served, not to the base model
+        late = start_inference_worker(fleet["redis"].url, fleet["model_dir"], "w3", fleet["tmp"])
+        try:
+            wait_for_workers(segmenter, ["w3"])
+            [w3] = [w for w in segmenter.worker_info() if w["name"] == "w3"]
+            assert w3["version"] == record.version and bad.version in w3["rejected"]
+        finally:
+            stop(late)
     finally:
         stop_flag.set()
         for t in threads:

@@ -244,20 +244,23 @@ class RQSegmenter:
 
     @property
     def model_version(self) -> str:
+        """The version the live workers serve (the registry's active one only when none is alive): after an
+        activation the workers rejected, this stays the version that really answers clicks."""
         now = time.monotonic()
         stamp, version = self._version_cache
         if now - stamp < 1.0:
             return version
         try:
-            active = self.registry.active()
-            if not active:
-                infos = self.worker_info()
-                versions = sorted({i.get("version") for i in infos if i.get("version")})
-                active = versions[0] if len(versions) == 1 else ("unknown" if not versions else ",".join(versions))
-        except Exception:
-            active = version
-        self._version_cache = (now, active)
-        return active
+            served = [i.get("version") for i in self.worker_info() if i.get("version")]
+            if served:
+                active = self.registry.active()
+                version = active if active in served else max(set(served), key=served.count)
+            else:
+                version = self.registry.active() or "unknown"
+        except Exception:  # noqa: BLE001 - Redis down: keep the last answer
+            pass
+        self._version_cache = (now, version)
+        return version
 
     def worker_info(self, redis=None) -> list[dict]:
         redis = redis or self.redis
@@ -268,11 +271,11 @@ class RQSegmenter:
         return [dict(json.loads(r), name=n) if r else {"name": n} for n, r in zip(names, raw)]
 
     def versions(self) -> list[str]:
-        """Known versions, the active one first (the backend's ``GET /versions``)."""
+        """Known versions, the one serving first (the backend's ``GET /versions``)."""
         described = self.registry.describe()
         names = [v["version"] for v in reversed(described["versions"])]
-        active = described["active"] or self.model_version
-        return [active] + [n for n in names if n != active]
+        serving = self.model_version
+        return [serving] + [n for n in names if n != serving]
 
     def describe_versions(self) -> dict:
         """Versions with sha256, parent, metrics, created_at and which one is active."""

@@ -96,6 +96,36 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
 
+    def last_good(self) -> str | None:
+        """The last version a worker loaded and served (``mark_served``): where a restarted worker goes back
+        to when the active version cannot be loaded."""
+        if self.redis is not None:
+            try:
+                value = self.redis.get(self.keys.last_good_version)
+                if value:
+                    return value.decode()
+            except Exception:
+                pass
+        try:
+            return (self.active_file.parent / "LAST_GOOD").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def mark_served(self, version: str) -> None:
+        file = self.active_file.parent / "LAST_GOOD"
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(".tmp")
+            tmp.write_text(version + "\n")
+            os.replace(tmp, file)
+        except OSError:
+            pass
+        if self.redis is not None:
+            try:
+                self.redis.set(self.keys.last_good_version, version)
+            except Exception:
+                pass
+
     def describe(self) -> dict:
         """What ``GET /versions`` shows."""
         active = self.active()

@@ -12,6 +12,8 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from workers.registry import ModelRegistry, RegistryError
@@ -36,20 +38,56 @@ class ModelSource:
     seed: int = 0
 
 
-class BatchFetcher:
-    """The worker's fetcher, remembering the images of one batch, and their failures, so that each image is
-    downloaded once."""
+class ImageDownloads:
+    """A worker's image downloads, in a small thread pool apart from the model.
 
-    def __init__(self, fetcher) -> None:
+    A batch waits at most ``wait_s`` for its images; an image still downloading then (a slow or trickling
+    server) answers only its own jobs "still downloading", and keeps downloading in the background (up to the
+    fetcher's deadline), so the next click on it finds it ready. Downloaded images wait here until a batch
+    embeds them (at most ``keep``).
+    """
+
+    def __init__(self, fetcher, threads: int = 4, keep: int = 32) -> None:
         self.fetcher = fetcher
-        self._images: dict[str, object] = {}
+        self.keep = keep
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
+        self._pending: OrderedDict[str, Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, url: str) -> Future:
+        with self._lock:
+            future = self._pending.get(url)
+            if future is None:
+                future = self._pending[url] = self._pool.submit(self.fetcher.fetch, url)
+                done = [u for u, f in self._pending.items() if f.done()]
+                for stale in done[:max(0, len(done) - self.keep)]:  # downloaded, never embedded: oldest first
+                    del self._pending[stale]
+            return future
+
+    def wait(self, urls: list[str], wait_s: float) -> dict[str, object]:
+        """url -> image, or the fetch's exception; urls still downloading after ``wait_s`` are left out."""
+        futures = {url: self.start(url) for url in urls}
+        wait(list(futures.values()), timeout=max(0.0, wait_s))
+        ready = {}
+        with self._lock:
+            for url, future in futures.items():
+                if future.done():
+                    ready[url] = future.exception() or future.result()
+                    self._pending.pop(url, None)
+        return ready
+
+
+class BatchFetcher:
+    """The fetcher ``run_job`` sees in a batch: the batch's downloaded images (or their errors), so that each
+    image is downloaded once."""
+
+    def __init__(self, fetcher, images: dict[str, object]) -> None:
+        self.fetcher = fetcher
+        self._images = images
 
     def fetch(self, url: str):
         if url not in self._images:
-            try:
-                self._images[url] = self.fetcher.fetch(url)
-            except Exception as error:  # noqa: BLE001 - re-raised for every job of this image
-                self._images[url] = error
+            self._images[url] = self.fetcher.fetch(url)
         image = self._images[url]
         if isinstance(image, Exception):
             raise image
@@ -73,6 +111,7 @@ class InferenceRuntime:
 
             fetcher = ImageFetcher.from_env()
         self.fetcher = fetcher
+        self.downloads = ImageDownloads(fetcher)
         self.served: Served | None = None
         self.rejected: dict[str, str] = {}
         self._loading: str | None = None
@@ -97,15 +136,14 @@ class InferenceRuntime:
         return Predictor(model, device=self.device, cache=cache, **speed)
 
     def load_initial(self) -> Served:
-        active = self.registry.active()
-        if active:
+        """The active version; if it cannot be loaded, the last version that served; else the configured model."""
+        for version in dict.fromkeys(v for v in (self.registry.active(), self.registry.last_good()) if v):
             try:
-                self.served = self._load_version(active)
+                self.served = self._load_version(version)
                 return self.served
             except RegistryError as error:
-                self.rejected[active] = str(error)
-                log.error("active version %s cannot be served (%s); falling back to the configured model",
-                          active, error)
+                self.rejected[version] = str(error)
+                log.error("version %s cannot be served (%s)", version, error)
         from samlight.models import load_model
 
         model, version = load_model(self.source.checkpoint, self.source.random, self.source.seed)
@@ -117,7 +155,11 @@ class InferenceRuntime:
     def _load_version(self, version: str) -> Served:
         checkpoint = self.registry.load(version)
         predictor = self._predictor(checkpoint.model)
-        self._warm_up(predictor)
+        try:
+            self._warm_up(predictor)
+        except Exception as error:  # a checkpoint that loads but cannot run (wrong shapes, bad config)
+            raise RegistryError(f"version {version} fails its warm-up: {error.__class__.__name__}: {error}") from None
+        self.registry.mark_served(version)
         return Served(predictor, version)
 
     def _warm_up(self, predictor) -> None:
@@ -265,26 +307,33 @@ class InferenceRuntime:
             live.append((job, payload))
         from backend.jobs import run_job  # the backend's own executor: identical answers in and out of RQ
 
-        fetcher = BatchFetcher(self.fetcher)
-        images, image_keys, seen = [], [], set()
+        urls: dict[str, str] = {}  # image key -> url of the uncached images
         for job, payload in live:
             data = payload.get("job") or {}
             key, url = data.get("image_key"), data.get("image_url")
-            if not isinstance(key, str) or not isinstance(url, str) or key in seen:
+            if not isinstance(key, str) or not isinstance(url, str) or key in cached:
                 continue  # run_job reports bad jobs
-            seen.add(key)
             cached[key] = predictor.is_cached(key)
             if not cached[key]:
-                try:
-                    images.append(fetcher.fetch(url))
-                    image_keys.append(key)
-                except Exception:
-                    pass  # run_job fetches again and reports the error
-        if images:
-            predictor.embed_many(images, image_keys)  # one batched encoder call for the whole batch
-            self._remember_routes(image_keys)
+                urls[key] = url
+        deadlines = [p["deadline"] for _, p in live if p.get("kind") == "click" and p.get("deadline")]
+        wait_s = min([self.settings.fetch_wait_ms / 1000] + [d - time.time() - 0.5 for d in deadlines])
+        ready = self.downloads.wait(list(urls.values()), wait_s)
+        downloaded = [(key, ready[url]) for key, url in urls.items()
+                      if url in ready and not isinstance(ready[url], Exception)]
+        if downloaded:
+            keys, images = zip(*downloaded)
+            predictor.embed_many(list(images), list(keys))  # one batched encoder call for the whole batch
+            self._remember_routes(list(keys))
+        fetcher = BatchFetcher(self.fetcher, dict(ready))
+        still_downloading = {url for url in urls.values() if url not in ready}
         for job, payload in live:
             data = payload.get("job") or {}
+            if data.get("image_url") in still_downloading:
+                self._results[job.id] = {"error": f"the image is still downloading from a slow server "
+                                                  f"({data.get('image_url')}); click again in a moment",
+                                         "status": 504}
+                continue
             try:
                 result = run_job(data, predictor, fetcher, served.version)
             except Exception as error:  # a bug, not bad input: fail this job only

@@ -66,6 +66,10 @@ class Keys:
         return f"{self.prefix}:model:active"
 
     @property
+    def last_good_version(self) -> str:  # the last registry version a worker loaded and served
+        return f"{self.prefix}:model:last-good"
+
+    @property
     def version_channel(self) -> str:
         return f"{self.prefix}:model:events"
 
@@ -105,6 +109,8 @@ class WorkerSettings:
     deadline_ms: int = 5000  # a click's whole budget: queue wait + inference
     prewarm_deadline_ms: int = 60000
     max_batch: int = 8  # jobs a worker drains into one model call
+    # how long a batch waits for its images; slower ones go on downloading in the background
+    fetch_wait_ms: int = 2000
     cache_entries: int = 256  # embeddings a worker keeps (a 1024² image's is 4 MB)
     route_ttl_s: int = 600  # how long an image -> worker route is trusted
     reply_ttl_s: int = 60  # a click's reply list outlives a backend that stopped waiting this long
@@ -128,6 +134,7 @@ class WorkerSettings:
             deadline_ms=_env_int("SAMLIGHT_DEADLINE_MS", cls.deadline_ms),
             prewarm_deadline_ms=_env_int("SAMLIGHT_PREWARM_DEADLINE_MS", cls.prewarm_deadline_ms),
             max_batch=_env_int("SAMLIGHT_MAX_BATCH", cls.max_batch),
+            fetch_wait_ms=_env_int("SAMLIGHT_FETCH_WAIT_MS", cls.fetch_wait_ms),
             cache_entries=_env_int("SAMLIGHT_WORKER_CACHE_ENTRIES", cls.cache_entries),
             route_ttl_s=_env_int("SAMLIGHT_ROUTE_TTL_S", cls.route_ttl_s),
             alive_ttl_ms=_env_int("SAMLIGHT_ALIVE_TTL_MS", cls.alive_ttl_ms),
