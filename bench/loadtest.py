@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,8 +151,9 @@ def spawn(args, images: Path) -> Stack:
     stack.files = FileServer(images)
     env = dict(os.environ, REDIS_URL=stack.redis_url, MODEL_DIR=str(stack.directory / "models"),
                LABEL_STUDIO_URL=stack.files.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONUNBUFFERED="1",
-               SAMLIGHT_DEADLINE_MS=str(args.deadline_ms), SAMLIGHT_MAX_BATCH=str(args.max_batch),
-               LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))
+               SAMLIGHT_MAX_BATCH=str(args.max_batch), LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))
+    if args.deadline_ms:  # otherwise the deployment default
+        env["SAMLIGHT_DEADLINE_MS"] = str(args.deadline_ms)
     if args.torch_threads:
         env.update(OMP_NUM_THREADS=str(args.torch_threads), MKL_NUM_THREADS=str(args.torch_threads))
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else ["-1"] * args.workers
@@ -162,7 +164,9 @@ def spawn(args, images: Path) -> Stack:
         stack.start(f"worker{index}", [args.python, "-m", "workers.inference", "--gpu", gpu, *model,
                                        "--redis-url", stack.redis_url, "--name", f"lt-w{index}"], env)
     backend_port = free_port()
-    backend_env = dict(env, SAMLIGHT_THREADS=str(max(8, args.annotators * 2)), SAMLIGHT_WORKERS="1")
+    backend_env = dict(env, SAMLIGHT_WORKERS=str(args.backend_processes))
+    if args.backend_threads:  # otherwise the backend's default: what a deployment gets
+        backend_env["SAMLIGHT_THREADS"] = str(args.backend_threads)
     stack.start("backend", [args.python, "-m", "backend.serve", "--port", str(backend_port), "--host", "127.0.0.1"],
                 backend_env)
     stack.backend_url = f"http://127.0.0.1:{backend_port}"
@@ -311,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="student dir or SAM .pth instead of --random")
     parser.add_argument("--redis-server", default=None, help="path of the redis-server binary")
     parser.add_argument("--python", default=sys.executable, help="interpreter for workers and backend")
-    parser.add_argument("--deadline-ms", type=int, default=10000)
+    parser.add_argument("--deadline-ms", type=int, default=None, help="click deadline (default: the backend's)")
+    parser.add_argument("--backend-threads", type=int, default=None, help="(default: the backend's)")
+    parser.add_argument("--backend-processes", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--warmup-clicks", type=int, default=3, help="per worker, not measured")
@@ -368,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": health.get("model_version"),
         "clicks": len(results),
         "errors": len(results) - len(ok),
+        # "HTTP 503" (refused: busy, no worker), "HTTP 504" (no answer within the deadline), ...
+        "errors_by_kind": dict(sorted(Counter(c.error.split(":")[0] for c in results if not c.ok).items())),
         "error_samples": sorted({c.error for c in results if not c.ok})[:5],
         "seconds": round(elapsed, 2),
         "throughput_clicks_per_s": round(len(ok) / elapsed, 2) if elapsed else 0,
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     lat = report["latency_ms"]
     print(f"{report['clicks']} clicks by {args.annotators} annotators in {report['seconds']}s: "
-          f"{report['throughput_clicks_per_s']} clicks/s, {report['errors']} errors")
+          f"{report['throughput_clicks_per_s']} clicks/s, {report['errors']} errors {report['errors_by_kind']}")
     for name, stats in lat.items():
         if stats.get("n"):
             print(f"  {name:22s} p50 {stats['p50']:8.2f} ms  p90 {stats['p90']:8.2f}  p99 {stats['p99']:8.2f}  (n={stats['n']})")
