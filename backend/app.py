@@ -16,16 +16,16 @@ import time
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.corrections import CorrectionSink, FileCorrectionSink
-from backend.images import ImageFetcher
+from serving.corrections import CorrectionSink, FileCorrectionSink
+from serving.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
-from backend.errors import StatusError
+from serving.errors import StatusError
 from backend.failures import RecentFailures
 from backend.model import SamLightModel, Services
 from backend.options import ProjectOptions, ProjectOptionsStore, project_key
-from backend import rle
+from serving import labelstudio
 from backend.prompts import PromptError
-from backend.segmenter import Segmenter, create_segmenter
+from serving.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _sink_for(settings: BackendSettings) -> CorrectionSink:
     redis_url = settings.segmenter.redis_url
     if redis_url:
         try:
-            from workers.client import correction_sink  # the workers' Redis stream, falling back to the file
+            from serving.remote import correction_sink  # the workers' Redis stream, falling back to the file
         except ImportError:
             return fallback
         return correction_sink(redis_url, fallback)
@@ -200,7 +200,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
             predict_slots.release()
         log.info("predict: %d task(s), context=%s, %.1f ms", len(tasks), params.get("context") is not None,
                  (time.perf_counter() - start) * 1000)
-        body = rle.dumps({"results": results, "model_version": segmenter.model_version})
+        body = labelstudio.dumps({"results": results, "model_version": segmenter.model_version})
         return Response(body, mimetype="application/json")
 
     @app.post("/webhook")

@@ -10,15 +10,15 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from backend.corrections import CorrectionSink, webhook_events
-from backend.images import FetchError, ImageFetcher
-from backend.jobs import SegmentJob
+from serving.corrections import CorrectionSink, webhook_events
+from serving.images import FetchError, ImageFetcher
+from serving.jobs import SegmentJob
 from backend.labels import LabelingSchema, parse_config
 from backend.options import ProjectOptions
 from backend.prompts import Prompt, parse_context
-from backend.rle import rle_from_base64
-from backend.errors import StatusError
-from backend.segmenter import Segmenter
+from serving.labelstudio import rle_from_base64
+from serving.errors import StatusError
+from serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 

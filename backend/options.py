@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from backend.errors import StatusError
+from serving.errors import StatusError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.env import flag
-from backend.images import FetchSettings
-from backend.segmenter import SegmenterSettings
+from serving.env import flag
+from serving.images import FetchSettings
+from serving.segmenter import SegmenterSettings
 
 
 @dataclass

@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         processes.append(subprocess.Popen([sys.executable, "-m", "workers.inference", "--gpu", args.gpu, *model,
                                            "--redis-url", redis_url, "--name", "w0"], env=env, cwd=REPO))
         from backend.app import create_app
-        from backend.jobs import SegmentJob
+        from serving.jobs import SegmentJob
         from backend.labels import SMART_CONFIG
-        from workers.client import RQSegmenter
+        from serving.remote import RQSegmenter
 
         segmenter = RQSegmenter(redis_url)
         wait_for(lambda: segmenter.alive_workers(), 180, "the inference worker")

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     act.add_argument("version")
     args = parser.parse_args(argv)
 
-    from workers.registry import ModelRegistry, RegistryError
-    from workers.settings import WorkerSettings, connect
+    from serving.registry import ModelRegistry, RegistryError
+    from serving.config import WorkerSettings, connect
 
     settings = WorkerSettings.from_env()
     registry = ModelRegistry(settings.model_dir, connect(settings.redis_url), settings.keys)

@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.corrections import FileCorrectionSink, annotation_masks
-from backend.images import FetchSettings
+from serving.corrections import FileCorrectionSink, annotation_masks
+from serving.images import FetchSettings
 from backend.labels import SMART_CONFIG
-from backend.rle import rle_to_mask
-from backend.segmenter import EmbeddedSettings, ModelSource, SegmenterSettings
+from serving.labelstudio import rle_to_mask
+from serving.segmenter import EmbeddedSettings, ModelSource, SegmenterSettings
 from backend.settings import BackendSettings
-from backend.testing import point_radius
+from serving.testing import point_radius
 from e2e.servers import ImageHost
 
 pytestmark = pytest.mark.timeout(120)
@@ -417,8 +417,8 @@ def test_real_model_click_and_box(host, tmp_path, photo):
 
 
 def test_request_path_does_not_import_torch():
-    code = ("import sys, backend.app, backend.model, backend.jobs, backend.segmenter, backend.images, "
-            "backend.corrections, backend.labels, backend.prompts; "
+    code = ("import sys, backend.app, backend.model, serving.jobs, serving.segmenter, serving.images, "
+            "serving.corrections, backend.labels, backend.prompts; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -492,9 +492,9 @@ def test_serve_defaults_to_loud_random_weights(caplog):
 
 
 def test_prewarm_queue_is_bounded_by_the_cache(host):
-    from backend.images import ImageFetcher
-    from backend.jobs import SegmentJob
-    from backend.segmenter import InProcessSegmenter
+    from serving.images import ImageFetcher
+    from serving.jobs import SegmentJob
+    from serving.segmenter import InProcessSegmenter
 
     segmenter = InProcessSegmenter(EmbeddedSettings(ModelSource(test_model="geometry"), cache_entries=2),
                                    ImageFetcher(host.url, host.legacy_token))
@@ -517,7 +517,7 @@ def test_with_redis_url_the_app_uses_the_workers_without_torch(redis_server, tmp
     env = {"REDIS_URL": redis_server.url, "MODEL_DIR": str(tmp_path / "models"), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["workers.client", "RQSegmenter"]
+    assert out.stdout.split() == ["serving.remote", "RQSegmenter"]
 
 
 def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
@@ -532,8 +532,8 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
     """SAMLIGHT_CPU_FAST=1: bf16 encoder weights where oneDNN supports them, and a compiled encoder."""
     import torch
 
-    from backend.images import ImageFetcher
-    from backend.segmenter import InProcessSegmenter
+    from serving.images import ImageFetcher
+    from serving.segmenter import InProcessSegmenter
     from samlight.fast_encoder import CompiledEncoder
 
     settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
@@ -549,8 +549,8 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
     """SAMLIGHT_CPU_INT8=1: int8 linears in a compiled copy of the encoder; the model keeps its float weights."""
     import torch
 
-    from backend.images import ImageFetcher
-    from backend.segmenter import InProcessSegmenter
+    from serving.images import ImageFetcher
+    from serving.segmenter import InProcessSegmenter
     from samlight.fast_encoder import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.images import FetchError, ImageFetcher
+from serving.images import FetchError, ImageFetcher
 from e2e.servers import ImageHost, make_jwt
 from samlight.image_io import ImageLimits, load_image
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.jobs import JobError, SegmentJob
+from serving.jobs import JobError, SegmentJob
 from backend.labels import SMART_CONFIG, ConfigError, parse_config
 from backend.prompts import PromptError, parse_context
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
-from backend.rle import BrushRle, dumps, rle_from_base64
+from serving.labelstudio import BrushRle, dumps, rle_from_base64
 from samlight.brush_rle import mask_to_rle_bytes
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import rle_to_mask
+from serving.labelstudio import rle_to_mask
 from samlight.brush_rle import encode_values, mask_to_rle, mask_to_rle_bytes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.corrections import FileCorrectionSink, annotation_masks
+from serving.corrections import FileCorrectionSink, annotation_masks
 from backend.labels import SMART_CONFIG
-from backend.rle import rle_to_mask
+from serving.labelstudio import rle_to_mask
 from conftest import REPO, free_port
 from e2e.browser import LabelingUI, chromium
 from e2e.labelstudio import Backend, LabelStudio, install_label_studio

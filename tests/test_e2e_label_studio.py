@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.corrections import FileCorrectionSink, annotation_masks
+from serving.corrections import FileCorrectionSink, annotation_masks
 from backend.labels import SMART_CONFIG
-from backend.rle import rle_to_mask
-from backend.testing import point_radius
+from serving.labelstudio import rle_to_mask
+from serving.testing import point_radius
 from conftest import free_port
 from e2e.labelstudio import LEGACY_TOKEN, Backend, LabelStudio, install_label_studio
 from e2e.servers import ImageHost

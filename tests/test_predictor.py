@@ -70,7 +70,7 @@ def test_batched_prompts_equal_one_by_one(predictor, photo):
 def test_predict_brush_is_the_best_candidate_encoded(test_student, photo, prompt, device):
     """The click path (best candidate chosen, upsampled and encoded on the device) equals choosing from
     ``predict_embedding``'s full output."""
-    from backend.rle import rle_to_mask
+    from serving.labelstudio import rle_to_mask
 
     predictor = Predictor(copy.deepcopy(test_student), device=device)
     emb = predictor.embed(photo)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from _workers_support import REPO, stop, worker_env
-from workers.corrections import CorrectionStore, LocalLog, RedisCorrectionSink
-from workers.settings import WorkerSettings, connect
+from serving.correction_stream import CorrectionStore, LocalLog, RedisCorrectionSink
+from serving.config import WorkerSettings, connect
 
 
 def event(annotation_id: int, updated: int, action: str = "ANNOTATION_UPDATED", task: int | None = None) -> dict:

@@ -14,13 +14,13 @@ import pytest
 
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
 from backend.app import create_app
-from backend.images import FetchSettings, ImageFetcher
-from backend.jobs import SegmentJob
-from backend.segmenter import SegmenterSettings
+from serving.images import FetchSettings, ImageFetcher
+from serving.jobs import SegmentJob
+from serving.segmenter import SegmenterSettings
 from backend.settings import BackendSettings
 from conftest import RedisServer, free_port
-from workers.client import RQSegmenter
-from workers.settings import connect
+from serving.remote import RQSegmenter
+from serving.config import connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

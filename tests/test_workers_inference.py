@@ -15,13 +15,13 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
-from backend.images import ImageFetcher
-from backend.jobs import SegmentJob
-from backend.rle import rle_from_base64, rle_to_mask
+from serving.images import ImageFetcher
+from serving.jobs import SegmentJob
+from serving.labelstudio import rle_from_base64, rle_to_mask
 from conftest import RedisServer, free_port
 from e2e.servers import ImageHost, make_jwt
-from workers.client import RQSegmenter
-from workers.registry import ModelRegistry, RegistryError
+from serving.remote import RQSegmenter
+from serving.registry import ModelRegistry, RegistryError
 
 pytestmark = pytest.mark.timeout(240)
 WORKERS = ["w1", "w2"]
@@ -120,9 +120,9 @@ def test_routing_reuses_embeddings_across_workers(fleet):
 def test_backend_app_over_rq(fleet, monkeypatch):
     """The Flask backend with REDIS_URL: clicks, webhooks, /versions, /setup and /health go through Redis."""
     from backend.app import create_app
-    from backend.images import FetchSettings
+    from serving.images import FetchSettings
     from backend.labels import SMART_CONFIG
-    from backend.segmenter import SegmenterSettings
+    from serving.segmenter import SegmenterSettings
     from backend.settings import BackendSettings
 
     monkeypatch.setenv("MODEL_DIR", str(fleet["model_dir"]))
@@ -292,8 +292,8 @@ def test_cpu_int8_worker_compiles_during_warm_up(tmp_path, monkeypatch):
     any click), and micro-batches of several images reuse the one compiled shape."""
     from samlight.fast_encoder import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
-    from workers.runtime import InferenceRuntime, ModelSource
-    from workers.settings import WorkerSettings
+    from serving.engine import InferenceRuntime, ModelSource
+    from serving.config import WorkerSettings
 
     if not available():
         pytest.skip("needs oneDNN's int8 GEMM")

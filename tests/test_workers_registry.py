@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from workers.registry import ModelRegistry, RegistryError
-from workers.settings import connect
+from serving.registry import ModelRegistry, RegistryError
+from serving.config import connect
 
 
 def test_versions_activate_and_reject_bad_checkpoints(redis_server, tmp_path, test_student):

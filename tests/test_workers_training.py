@@ -12,13 +12,13 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from _workers_support import REPO, ImageServer, start_inference_worker, stop, wait_for_workers, worker_env
-from backend.images import ImageFetcher
-from backend.jobs import SegmentJob
+from serving.images import ImageFetcher
+from serving.jobs import SegmentJob
 from samlight.brush_rle import mask_to_rle
-from workers.client import RQSegmenter, correction_sink
-from workers.registry import ModelRegistry
+from serving.remote import RQSegmenter, correction_sink
+from serving.registry import ModelRegistry
 from workers.training import brush_masks, split
-from workers.corrections import Correction
+from serving.correction_stream import Correction
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -118,6 +118,10 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
                         break
                     time.sleep(0.2)
                 assert after["model_version"] == record.version and "error" not in after
+                # the reported version is the one the workers serve (their heartbeats): it follows within ~1 s
+                deadline = time.monotonic() + 10
+                while segmenter.model_version != record.version and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 assert segmenter.model_version == record.version
                 # more corrections, and training again: now gated against the active version
                 for event in coco_corrections(coco_tiny, images, 8)[5:]:

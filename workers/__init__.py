@@ -1,5 +1,6 @@
-"""RQ glue for samlight: inference workers, corrections stream, DLD training, cron schedule, model registry.
+"""samlight's RQ processes: inference workers, the training worker, the cron process.
 
-Imports of torch happen only in the modules that run models (``workers.runtime``, the training job body),
-so the backend (``workers.client``) and the cron / training-worker parents stay CUDA-free.
+Thin over ``serving`` (the product core), which they import; they never import ``backend``. Torch is
+imported only where a model runs (the inference runtime, the training job body), so the cron process and the
+training worker's parent stay CUDA-free.
 """

@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 
 from rq.cron import CronJob, CronScheduler
 
-from workers.corrections import CorrectionStore
-from workers.schedule import enqueue_training
-from workers.settings import WorkerSettings, connect
+from serving.correction_stream import CorrectionStore
+from serving.schedule import enqueue_training
+from serving.config import WorkerSettings, connect
 
 log = logging.getLogger("workers.cron")
 

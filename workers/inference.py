@@ -29,7 +29,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker_registration import unregister
 
-from workers.settings import WorkerSettings, connect
+from serving.config import WorkerSettings, connect
 
 log = logging.getLogger("workers.inference")
 
@@ -110,7 +110,7 @@ class InferenceWorker(SimpleWorker):
 
 def make_worker(settings: WorkerSettings, device: str, source, name: str | None = None,
                 fetcher=None, runtime=None) -> InferenceWorker:
-    from workers.runtime import InferenceRuntime
+    from serving.engine import InferenceRuntime
 
     name = name or f"infer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     connection = connect(settings.redis_url, timeout_s=10.0)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu"
     if args.checkpoint is None and args.random is None:
         args.random = os.environ.get("SAMLIGHT_RANDOM") or None
-    from workers.runtime import ModelSource
+    from serving.engine import ModelSource
 
     settings = WorkerSettings.from_env(redis_url=args.redis_url)
     if args.max_batch:

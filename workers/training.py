@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workers.corrections import Correction, CorrectionStore
-from workers.registry import ModelRegistry
-from workers.settings import WorkerSettings, connect
+from serving.correction_stream import Correction, CorrectionStore
+from serving.registry import ModelRegistry
+from serving.config import WorkerSettings, connect
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     if not training.teacher:
         raise ValueError("set SAMLIGHT_TEACHER (e.g. vit_h:/weights/sam_vit_h.pth) for DLD fine-tuning")
 
-    from backend.images import ImageFetcher
+    from serving.images import ImageFetcher
     from samlight.checkpoints import TeacherSpec
     from samlight.distill import FineTuneConfig, fine_tune
 

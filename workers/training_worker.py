@@ -15,7 +15,7 @@ import sys
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from workers.settings import WorkerSettings, connect
+from serving.config import WorkerSettings, connect
 
 
 def main(argv: list[str] | None = None) -> int:

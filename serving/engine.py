@@ -16,8 +16,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from workers.registry import ModelRegistry, RegistryError
-from workers.settings import WorkerSettings
+from serving.registry import ModelRegistry, RegistryError
+from serving.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class InferenceRuntime:
         self.source = source
         self.registry = ModelRegistry(settings.model_dir, redis, settings.keys)
         if fetcher is None:
-            from backend.images import ImageFetcher
+            from serving.images import ImageFetcher
 
             fetcher = ImageFetcher.from_env()
         self.fetcher = fetcher
@@ -305,7 +305,7 @@ class InferenceRuntime:
                 self._results[job.id] = {"error": "expired before a worker took it", "status": 504}
                 continue
             live.append((job, payload))
-        from backend.jobs import run_job  # the backend's own executor: identical answers in and out of RQ
+        from serving.jobs import run_job  # the backend's own executor: identical answers in and out of RQ
 
         urls: dict[str, str] = {}  # image key -> url of the uncached images
         for job, payload in live:

@@ -29,8 +29,8 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from workers.registry import ModelRegistry
-from workers.settings import WorkerSettings, connect
+from serving.registry import ModelRegistry
+from serving.config import WorkerSettings, connect
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RQSegmenter:
         self.registry = ModelRegistry(self.settings.model_dir, self.redis, keys)
         if fetcher is None:
             try:
-                from backend.images import ImageFetcher
+                from serving.images import ImageFetcher
 
                 fetcher = ImageFetcher.from_env()
             except ImportError:
@@ -324,7 +324,7 @@ class RQSegmenter:
 
 def correction_sink(redis_url: str, fallback=None):
     """The backend's correction sink with ``REDIS_URL``: Redis stream, local log when Redis is down."""
-    from workers.corrections import RedisCorrectionSink
+    from serving.correction_stream import RedisCorrectionSink
 
     directory = getattr(fallback, "directory", None)
     return RedisCorrectionSink(redis_url, log_dir=directory)

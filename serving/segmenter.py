@@ -1,6 +1,6 @@
 """Where segmentation jobs run: the ``Segmenter`` protocol and the embedded, in-process implementation.
 
-``create_segmenter(settings)`` picks the implementation: with ``REDIS_URL`` set, ``workers.client.RQSegmenter``
+``create_segmenter(settings)`` picks the implementation: with ``REDIS_URL`` set, ``serving.remote.RQSegmenter``
 (imported lazily, so the request path never imports torch); otherwise ``InProcessSegmenter``, which loads one
 model per process on first use (or in a background thread at startup) and shares its embedding cache between
 the process's threads.
@@ -14,13 +14,14 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from backend.env import flag
-from backend.images import FetchError, ImageFetcher
-from backend.jobs import JobError, SegmentJob, error_result, execute
+from serving.env import flag
+from serving.images import FetchError, ImageFetcher
+from serving.jobs import JobError, SegmentJob, error_result, execute
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ModelSource:
     checkpoint: str | None = None
     random: str | None = None
     seed: int = 0
-    test_model: str | None = None  # "geometry": backend.testing's deterministic stand-in, for tests only
+    test_model: str | None = None  # "geometry": serving.testing's deterministic stand-in, for tests only
 
     @classmethod
     def from_env(cls, env=None) -> "ModelSource":
@@ -63,7 +64,7 @@ class ModelSource:
 
     def validate(self) -> None:
         if self.test_model is not None:
-            from backend.testing import GEOMETRY
+            from serving.testing import GEOMETRY
 
             if self.test_model != GEOMETRY:
                 raise ValueError(f"SAMLIGHT_TEST_MODEL must be {GEOMETRY!r}, got {self.test_model!r}")
@@ -166,35 +167,30 @@ class ClickFirstSlots:
         self.clicks_waiting = 0
         self._condition = threading.Condition()
 
+    @contextmanager
     def take(self, click: bool, timeout_s: float):
-        return _Slot(self, click, timeout_s)
-
-
-class _Slot:
-    def __init__(self, slots: ClickFirstSlots, click: bool, timeout_s: float) -> None:
-        self.slots, self.click, self.timeout_s = slots, click, timeout_s
-
-    def __enter__(self):
-        slots = self.slots
-        with slots._condition:
-            slots.clicks_waiting += self.click
+        with self._condition:
+            self.clicks_waiting += click
             try:
-                ready = slots._condition.wait_for(
-                    lambda: slots.free > 0 and (self.click or slots.clicks_waiting == 0), self.timeout_s)
+                ready = self._condition.wait_for(
+                    lambda: self.free > 0 and (click or self.clicks_waiting == 0), timeout_s)
             finally:
-                slots.clicks_waiting -= self.click
+                self.clicks_waiting -= click
             if not ready:
-                raise JobError(f"the model is busy: no inference slot came free within {self.timeout_s:g}s", 503)
-            slots.free -= 1
-
-    def __exit__(self, *exc):
-        with self.slots._condition:
-            self.slots.free += 1
-            self.slots._condition.notify_all()
+                raise JobError(f"the model is busy: no inference slot came free within {timeout_s:g}s", 503)
+            self.free -= 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self.free += 1
+                self._condition.notify_all()
 
 
 class InProcessSegmenter:
     """The embedded default: a ``Predictor`` in this process, loaded once, shared by all request threads."""
+
+    PREWARM_SLOT_WAIT_S = 60.0  # bulk work waits behind clicks this long before it is dropped
 
     def __init__(self, settings: EmbeddedSettings, fetcher: ImageFetcher) -> None:
         settings.source.validate()
@@ -235,7 +231,7 @@ class InProcessSegmenter:
 
     def _load(self):
         if self.settings.source.test_model is not None:
-            from backend.testing import GeometryPredictor
+            from serving.testing import GeometryPredictor
 
             log.warning("SERVING THE TEST-ONLY GEOMETRY MODEL (SAMLIGHT_TEST_MODEL): boxes and discs, not SAM")
             return GeometryPredictor()
@@ -283,6 +279,7 @@ class InProcessSegmenter:
         try:
             predictor = self.predictor()
             click = not job.prewarm_only
+            wait_s = self.settings.slot_wait_s if click else self.PREWARM_SLOT_WAIT_S
             with self._key_locks(job.image_key):
                 timings = {}
                 if not predictor.is_cached(job.image_key):
@@ -290,11 +287,11 @@ class InProcessSegmenter:
                     start = time.perf_counter()
                     image = self.fetcher.fetch(job.image_url)
                     timings["fetch"] = (time.perf_counter() - start) * 1000
-                    with self._slots.take(click, self.settings.slot_wait_s):
+                    with self._slots.take(click, wait_s):
                         start = time.perf_counter()
                         predictor.embed(image, key=job.image_key)
                         timings["embed"] = (time.perf_counter() - start) * 1000
-                with self._slots.take(click, self.settings.slot_wait_s):
+                with self._slots.take(click, wait_s):
                     result = execute(job, predictor, self.fetcher, self.model_version)
                 result["cached"] = result["cached"] and not timings
                 result["timings_ms"] = {**timings, **result.get("timings_ms", {})}
@@ -355,7 +352,7 @@ class SegmenterSettings:
 
 def create_segmenter(settings: SegmenterSettings, fetcher: ImageFetcher) -> Segmenter:
     if settings.redis_url:
-        from workers.client import RQSegmenter  # lazy: keeps torch off the request path
+        from serving.remote import RQSegmenter  # lazy: keeps torch off the request path
 
         return RQSegmenter(settings.redis_url, fetcher=fetcher)
     return InProcessSegmenter(settings.embedded, fetcher)

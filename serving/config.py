@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.env import flag
+from serving.env import flag
 
 
 def _env_float(name: str, default: float) -> float:

@@ -17,8 +17,8 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from backend.errors import StatusError
-from backend.rle import rle_to_mask
+from serving.errors import StatusError
+from serving.labelstudio import rle_to_mask
 
 RECORDED_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                              "START_TRAINING"})

@@ -9,7 +9,7 @@ Result (``execute``'s dict)::
     {"width": W, "height": H,              # the EXIF-corrected image size the mask has
      "rle_base64": "...",                  # Label Studio brush RLE of the uint8 0/255 mask, base64 (absent for
                                            # prewarm; a noisy mask's RLE is 100k+ bytes, which as a JSON list
-                                           # of ints costs ~15 ms to write and read back); backend.rle.
+                                           # of ints costs ~15 ms to write and read back); serving.labelstudio.
                                            # rle_from_base64 gives Label Studio's list
      "score": 0.93,                        # the decoder's predicted IoU of the chosen mask
      "area": 12345,                        # mask pixels
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backend.images import ImageFetcher
-from backend.errors import StatusError
+from serving.images import ImageFetcher
+from serving.errors import StatusError
 
 if TYPE_CHECKING:  # the request path must not import torch when jobs run on workers
     from samlight.predictor import Predictor

@@ -10,7 +10,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from workers.settings import WorkerSettings
+from serving.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def point_radius(height: int, width: int) -> float:
 
 
 class GeometryPredictor:
-    """Duck-types the parts of ``samlight.predictor.Predictor`` that ``backend.jobs.execute`` uses."""
+    """Duck-types the parts of ``samlight.predictor.Predictor`` that ``serving.jobs.execute`` uses."""
 
     device = "cpu"
 

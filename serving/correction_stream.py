@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.settings import Keys, WorkerSettings, connect
+from serving.config import Keys, WorkerSettings, connect
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class RedisCorrectionSink:
         try:
             self.replay()
             if action in TRAIN_EVENTS:
-                from workers.schedule import enqueue_training
+                from serving.schedule import enqueue_training
 
                 job = enqueue_training(self.redis, self.settings, reason="START_TRAINING")
                 return {"action": action, "job_id": job.id, "status": str(job.get_status())}
@@ -260,7 +260,7 @@ class RedisCorrectionSink:
     def _maybe_train(self) -> None:
         threshold = self.settings.train_after_corrections
         if threshold > 0 and self.store.new_since_training() >= threshold:
-            from workers.schedule import enqueue_training
+            from serving.schedule import enqueue_training
 
             enqueue_training(self.redis, self.settings, reason=f">= {threshold} new corrections")
 
@@ -271,7 +271,7 @@ class RedisCorrectionSink:
 
         def apply(event):
             if event.get("action") in TRAIN_EVENTS:
-                from workers.schedule import enqueue_training
+                from serving.schedule import enqueue_training
 
                 enqueue_training(self.redis, self.settings, reason="START_TRAINING (replayed)")
             else:

@@ -6,7 +6,7 @@ and a trickling server included), and decodes (EXIF-corrected RGB, pixel and asp
 
 The Label Studio API key is sent only to the Label Studio origin, decided on the URL exactly as the HTTP client
 connects to it (URLs with user info or backslashes are refused), and never on a redirect. Connections go only
-to the Label Studio origin, public addresses and ``SAMLIGHT_FETCH_ALLOW`` (``backend.outbound``). A personal
+to the Label Studio origin, public addresses and ``SAMLIGHT_FETCH_ALLOW`` (``serving.outbound``). A personal
 access token (a JWT refresh token) is exchanged at ``/api/token/refresh/`` for a short-lived access token that
 is refreshed before it expires; a legacy token is sent as ``Token <key>``. A failed fetch is remembered for a
 few seconds, so a prewarm and the clicks that follow it do not download a failing image again and again.
@@ -31,8 +31,8 @@ import numpy as np
 import requests
 import urllib3
 
-from backend.errors import StatusError
-from backend.outbound import GuardedSession, OutboundPolicy, origin
+from serving.errors import StatusError
+from serving.outbound import GuardedSession, OutboundPolicy, origin
 from samlight.image_io import ImageError, ImageLimits, decode_image
 
 log = logging.getLogger(__name__)

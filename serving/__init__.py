@@ -1,0 +1,22 @@
+"""samlight's product core, shared by the HTTP backend (``backend/``) and the RQ processes (``workers/``).
+
+No Flask and no worker loop here; ``backend`` and ``workers`` import this package and never each other, and
+this package imports neither. Torch is imported only where a model runs (``engine``, the embedded path of
+``segmenter``), so the backend's request path stays torch-free when inference runs on workers.
+
+- ``config``            the RQ side's settings (``WorkerSettings``), Redis ``Keys`` and ``connect``
+- ``env``               how an on/off environment variable is read
+- ``errors``            ``StatusError``: a message and the HTTP status it maps to
+- ``images``            ``ImageFetcher``: task image URLs -> RGB arrays (token rules, limits, one deadline)
+- ``outbound``          which addresses image fetches may connect to
+- ``jobs``              ``SegmentJob`` (JSON) and its execution against a predictor
+- ``labelstudio``       Label Studio's brush RLE, both ways, and the JSON that carries it
+- ``segmenter``         the ``Segmenter`` protocol and the embedded (in-process) implementation
+- ``remote``            ``RQSegmenter``: the same protocol over Redis and the inference workers
+- ``engine``            ``InferenceRuntime``: an inference worker's model, hot reload and batched execution
+- ``registry``          model versions under ``MODEL_DIR/versions``, the active one in Redis
+- ``corrections``       webhook events: checks, the embedded log, brush masks out of annotations
+- ``correction_stream`` the Redis stream of corrections and its fsynced local fallback log
+- ``schedule``          enqueueing the (single) DLD training job
+- ``testing``           a test-only deterministic "geometry" model
+"""
