@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     env = environment(args, dict(os.environ))
-    from serving.segmenter import ModelSource
+    from serving.source import ModelSource
     from backend.settings import BackendSettings
 
     try:  # a clear error here rather than gunicorn workers failing to boot

@@ -18,5 +18,6 @@ this package imports neither. Torch is imported only where a model runs (``engin
 - ``corrections``       webhook events: checks, the embedded log, brush masks out of annotations
 - ``correction_stream`` the Redis stream of corrections and its fsynced local fallback log
 - ``schedule``          enqueueing the (single) DLD training job
+- ``source``            ``ModelSource``: the checkpoint, random config or test model a process serves
 - ``testing``           a test-only deterministic "geometry" model
 """

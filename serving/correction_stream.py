@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.config import Keys, WorkerSettings, connect
+from serving.corrections import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -103,57 +103,6 @@ def deleted_ids(event: dict) -> list[str]:
     return [str(item["id"]) for item in items if isinstance(item, dict) and "id" in item]
 
 
-class LocalLog:
-    """Append-only, fsynced JSONL of events not yet in Redis; flock makes it safe across processes."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def append(self, event: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(event, separators=(",", ":")) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def pending(self) -> int:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return sum(1 for line in f if line.strip())
-        except FileNotFoundError:
-            return 0
-
-    def drain(self, apply) -> int:
-        """Apply every logged event in order; the log shrinks only past what was applied."""
-        if not self.path.exists():
-            return 0
-        with open(self.path, "r+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            lines = [line for line in f.read().splitlines() if line.strip()]
-            done = 0
-            try:
-                for line in lines:
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:  # a torn last line from a crash: skip it
-                        log.warning("skipping unreadable line in %s", self.path)
-                        done += 1
-                        continue
-                    apply(event)
-                    done += 1
-            finally:
-                rest = lines[done:]
-                f.seek(0)
-                f.truncate()
-                if rest:
-                    f.write("\n".join(rest) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        return done
-
-
 class CorrectionStore:
     """Reads and writes the Redis side (no fallback here; see :class:`RedisCorrectionSink`)."""
 
@@ -207,7 +156,7 @@ class RedisCorrectionSink:
         self.redis = connect(redis_url, timeout_s=1.0)
         self.store = CorrectionStore(self.redis, self.settings.keys)
         directory = Path(log_dir) if log_dir is not None else Path(self.settings.model_dir) / "corrections"
-        self.local = LocalLog(directory / "redis-pending.jsonl")
+        self.local = EventLog(directory / "redis-pending.jsonl")
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         if self.local.pending():  # events a previous process could not store: replay them without waiting

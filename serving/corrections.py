@@ -89,16 +89,16 @@ class CorrectionSink(Protocol):
         """Store ``event`` (a webhook payload with ``action``) durably; raise if it could not be stored."""
 
 
-class FileCorrectionSink:
-    FILENAME = "events.jsonl"
+class EventLog:
+    """An append-only JSON-lines file of webhook events, fsynced before ``append`` returns; ``flock`` makes it
+    safe across processes (gunicorn workers). One line per event: ``{"received_at": t, "event": {...}}``."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        self.path = self.directory / self.FILENAME
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
 
-    def record(self, event: dict) -> None:
+    def append(self, event: dict) -> None:
         line = json.dumps({"received_at": time.time(), "event": event}, separators=(",", ":")) + "\n"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -111,15 +111,72 @@ class FileCorrectionSink:
             os.close(fd)  # closing releases the lock
 
     def events(self) -> Iterator[dict]:
-        """The recorded events in order (a torn last line, from a crash mid-write, is skipped)."""
+        """The logged events in order (a torn last line, from a crash mid-write, is skipped)."""
         if not self.path.exists():
             return
         with open(self.path, encoding="utf-8") as f:
             for line in f:
-                try:
-                    yield json.loads(line)["event"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+                event = _logged_event(line)
+                if event is not None:
+                    yield event
+
+    def pending(self) -> int:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def drain(self, apply) -> int:
+        """``apply`` every logged event in order; the log keeps only what was not applied (``apply`` raised)."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "r+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            lines = [line for line in f.read().splitlines() if line.strip()]
+            done = 0
+            try:
+                for line in lines:
+                    event = _logged_event(line)
+                    if event is not None:  # a torn line from a crash is dropped
+                        apply(event)
+                    done += 1
+            finally:
+                rest = lines[done:]
+                f.seek(0)
+                f.truncate()
+                if rest:
+                    f.write("\n".join(rest) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return done
+
+
+def _logged_event(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    event = record.get("event", record)  # logs written before 2026-12 held the bare event
+    return event if isinstance(event, dict) else None
+
+
+class FileCorrectionSink:
+    """The embedded backend's sink: ``MODEL_DIR/corrections/events.jsonl``."""
+
+    FILENAME = "events.jsonl"
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.log = EventLog(self.directory / self.FILENAME)
+
+    def record(self, event: dict) -> None:
+        self.log.append(event)
+
+    def events(self) -> Iterator[dict]:
+        return self.log.events()
 
 
 def annotation_masks(annotation: dict) -> list[dict]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from serving.registry import ModelRegistry, RegistryError
 from serving.config import WorkerSettings
+from serving.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,24 @@ class Served:
     loaded_at: float = field(default_factory=time.time)
 
 
-@dataclass
-class ModelSource:
-    """Where the first model comes from when the registry has no active version yet."""
+def warm_up(predictor, max_batch: int = 1) -> None:
+    """Forward passes at the batch sizes micro-batching produces, so that no click pays for lazy
+    initialisation or kernel compilation (on CUDA: 1, 2, 4, ... up to ``max_batch``; on CPU: 1)."""
+    import numpy as np
 
-    checkpoint: str | None = None
-    random: str | None = None
-    seed: int = 0
+    size = predictor.model.image_encoder.img_size
+    sizes = [1]
+    if predictor.device.type == "cuda":
+        while sizes[-1] * 2 <= max_batch:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != max_batch:
+            sizes.append(max_batch)
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    for n in sizes:
+        embeddings = predictor.embed_many([image] * n, [f"__warmup__{i}" for i in range(n)])
+    predictor.predict_embedding(embeddings[0], point_coords=np.array([[size / 2, size / 2]]),
+                                point_labels=np.array([1]), multimask_output=True)
+    predictor.cache.clear()
 
 
 class ImageDownloads:
@@ -144,11 +156,9 @@ class InferenceRuntime:
             except RegistryError as error:
                 self.rejected[version] = str(error)
                 log.error("version %s cannot be served (%s)", version, error)
-        from samlight.models import load_model
-
-        model, version = load_model(self.source.checkpoint, self.source.random, self.source.seed)
+        model, version = self.source.load()
         predictor = self._predictor(model)
-        self._warm_up(predictor)
+        warm_up(predictor, self.settings.max_batch)
         self.served = Served(predictor, version)
         return self.served
 
@@ -156,30 +166,11 @@ class InferenceRuntime:
         checkpoint = self.registry.load(version)
         predictor = self._predictor(checkpoint.model)
         try:
-            self._warm_up(predictor)
+            warm_up(predictor, self.settings.max_batch)
         except Exception as error:  # a checkpoint that loads but cannot run (wrong shapes, bad config)
             raise RegistryError(f"version {version} fails its warm-up: {error.__class__.__name__}: {error}") from None
         self.registry.mark_served(version)
         return Served(predictor, version)
-
-    def _warm_up(self, predictor) -> None:
-        """Forward passes at the batch sizes micro-batching produces, so that no click pays for lazy
-        initialisation or kernel compilation (on CUDA: 1, 2, 4, ... up to max_batch; on CPU: 1)."""
-        import numpy as np
-
-        size = predictor.model.image_encoder.img_size
-        sizes = [1]
-        if predictor.device.type == "cuda":
-            while sizes[-1] * 2 <= self.settings.max_batch:
-                sizes.append(sizes[-1] * 2)
-            if sizes[-1] != self.settings.max_batch:
-                sizes.append(self.settings.max_batch)
-        image = np.zeros((size, size, 3), dtype=np.uint8)
-        for n in sizes:
-            embeddings = predictor.embed_many([image] * n, [f"__warmup__{i}" for i in range(n)])
-        predictor.predict_embedding(embeddings[0], point_coords=np.array([[size / 2, size / 2]]),
-                                    point_labels=np.array([1]), multimask_output=True)
-        predictor.cache.clear()
 
     def check_version(self, wanted: str | None = None) -> None:
         """Start loading the active version in the background if it is not the one served."""

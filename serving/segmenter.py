@@ -8,7 +8,6 @@ the process's threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -16,11 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from serving.env import flag
 from serving.images import FetchError, ImageFetcher
+from serving.source import ModelSource
 from serving.jobs import JobError, SegmentJob, error_result, execute
 
 log = logging.getLogger(__name__)
@@ -45,60 +44,6 @@ class Segmenter(Protocol):
 
     def versions(self) -> list[str]:
         """Known model versions, the active one first."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Which model an embedded backend serves: a checkpoint path or a named random config."""
-
-    checkpoint: str | None = None
-    random: str | None = None
-    seed: int = 0
-    test_model: str | None = None  # "geometry": serving.testing's deterministic stand-in, for tests only
-
-    @classmethod
-    def from_env(cls, env=None) -> "ModelSource":
-        env = os.environ if env is None else env
-        return cls(checkpoint=env.get("SAMLIGHT_CHECKPOINT") or None, random=env.get("SAMLIGHT_RANDOM") or None,
-                   seed=int(env.get("SAMLIGHT_SEED", 0)), test_model=env.get("SAMLIGHT_TEST_MODEL") or None)
-
-    def validate(self) -> None:
-        if self.test_model is not None:
-            from serving.testing import GEOMETRY
-
-            if self.test_model != GEOMETRY:
-                raise ValueError(f"SAMLIGHT_TEST_MODEL must be {GEOMETRY!r}, got {self.test_model!r}")
-            return
-        if (self.checkpoint is None) == (self.random is None):
-            raise ValueError("set SAMLIGHT_CHECKPOINT (a student directory or SAM .pth) or SAMLIGHT_RANDOM "
-                             "(a config name, random weights for demos) - exactly one of them")
-        if self.checkpoint is not None:
-            path = Path(self.checkpoint)
-            if not path.exists():
-                raise ValueError(f"checkpoint {path} does not exist")
-            if path.is_dir() and not (path / "config.json").is_file():
-                raise ValueError(f"checkpoint directory {path} has no config.json (not a samlight student)")
-        if self.random is not None:
-            from samlight.modeling.configs import STUDENT_CONFIGS, TEACHER_CONFIGS  # plain dataclasses, no torch
-
-            if self.random not in STUDENT_CONFIGS and self.random not in TEACHER_CONFIGS:
-                raise ValueError(f"unknown random config {self.random!r}; "
-                                 f"choose from {sorted([*STUDENT_CONFIGS, *TEACHER_CONFIGS])}")
-
-    def version(self) -> str:
-        """The version string ``samlight.models.load_model`` reports, computed without loading weights."""
-        if self.test_model is not None:
-            return f"test-{self.test_model}"
-        if self.random is not None:
-            return f"random-{self.random}-{self.seed}"
-        path = Path(self.checkpoint)
-        manifest = path / "config.json"
-        if manifest.is_file():  # a student directory: its name and weights hash are in config.json
-            data = json.loads(manifest.read_text())
-            return f"{data['config']['name']}-{str(data['sha256'])[:12]}"
-        from samlight.checkpoints import TeacherSpec  # hashes the file once; no weights are built
-
-        return TeacherSpec.parse(str(path)).identity.replace(":sha256=", "-")
 
 
 @dataclass
@@ -200,6 +145,7 @@ class InProcessSegmenter:
         self._predictor = None
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
+        self.warm_up_s: float | None = None  # how long the model's warm-up took, once it is loaded
         self._key_locks = _KeyLocks()
         self._slots = ClickFirstSlots(settings.inference_slots)
         self._prewarm_pool = ThreadPoolExecutor(settings.prewarm_threads, thread_name_prefix="prewarm")
@@ -238,25 +184,28 @@ class InProcessSegmenter:
         import torch
 
         from samlight.embedding_cache import EmbeddingCache
-        from samlight.models import load_model
         from samlight.predictor import Predictor, cpu_encoder_options, default_device
+        from serving.engine import warm_up
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
-        source = self.settings.source
         start = time.perf_counter()
         try:
-            model, version = load_model(checkpoint=source.checkpoint, random=source.random, seed=source.seed)
+            model, version = self.settings.source.load()
+            self._version = version
+            device = torch.device(self.settings.device) if self.settings.device else default_device()
+            speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
+            predictor = Predictor(model, device=device,
+                                  cache=EmbeddingCache(max_entries=self.settings.cache_entries), **speed)
+            # the first click must not pay for lazy initialisation or compilation (30-40 s compiled on CPU)
+            warm_start = time.perf_counter()
+            warm_up(predictor)
+            self.warm_up_s = round(time.perf_counter() - warm_start, 3)
         except Exception as error:  # surfaced by /health and every request
             self._load_error = f"{error.__class__.__name__}: {error}"
             log.error("cannot load the model: %s", self._load_error)
             raise
-        self._version = version
-        device = torch.device(self.settings.device) if self.settings.device else default_device()
-        speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
-        predictor = Predictor(model, device=device, cache=EmbeddingCache(max_entries=self.settings.cache_entries),
-                              **speed)
-        log.info("model %s loaded on %s in %.1fs (pid %d)", version, predictor.device,
+        log.info("model %s loaded and warmed up on %s in %.1fs (pid %d)", version, predictor.device,
                  time.perf_counter() - start, os.getpid())
         return predictor
 
@@ -335,6 +284,7 @@ class InProcessSegmenter:
             status["error"] = self._load_error
         if self._predictor is not None:
             status["device"] = str(self._predictor.device)
+            status["warm_up_s"] = self.warm_up_s
             status["cache"] = self._predictor.cache.stats()
         return status
 

@@ -20,7 +20,8 @@ from serving.corrections import FileCorrectionSink, annotation_masks
 from serving.images import FetchSettings
 from backend.labels import SMART_CONFIG
 from serving.labelstudio import rle_to_mask
-from serving.segmenter import EmbeddedSettings, ModelSource, SegmenterSettings
+from serving.segmenter import EmbeddedSettings, SegmenterSettings
+from serving.source import ModelSource
 from backend.settings import BackendSettings
 from serving.testing import point_radius
 from e2e.servers import ImageHost
@@ -397,7 +398,7 @@ def test_file_sink_is_safe_under_concurrent_writers(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    lines = sink.path.read_text().splitlines()
+    lines = sink.log.path.read_text().splitlines()
     assert len(lines) == 160 and sorted(json.loads(line)["event"]["n"] for line in lines) == sorted(
         i * 100 + j for i in range(8) for j in range(20))
 
@@ -414,6 +415,18 @@ def test_real_model_click_and_box(host, tmp_path, photo):
     assert mask.shape == box_mask.shape == (photo["height"], photo["width"])
     cache = client.get("/health").get_json()["cache"]
     assert cache["entries"] == 1 and cache["hits"] >= 1  # the second prompt reused the embedding
+
+
+def test_embedded_model_is_warmed_up_before_the_first_click(host, tmp_path):
+    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
+                               segmenter=SegmenterSettings(embedded=EmbeddedSettings(
+                                   ModelSource(random="lightening_test"))), model_dir=tmp_path)  # preload on
+    client = create_app(settings).test_client()
+    deadline = time.monotonic() + 60
+    while not client.get("/health").get_json()["model_loaded"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    health = client.get("/health").get_json()
+    assert health["model_loaded"] and health["warm_up_s"] > 0 and health["cache"]["entries"] == 0
 
 
 def test_request_path_does_not_import_torch():

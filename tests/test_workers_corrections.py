@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from _workers_support import REPO, stop, worker_env
-from serving.correction_stream import CorrectionStore, LocalLog, RedisCorrectionSink
+from serving.correction_stream import CorrectionStore, RedisCorrectionSink
+from serving.corrections import EventLog
 from serving.config import WorkerSettings, connect
 
 
@@ -132,7 +133,7 @@ def test_redis_error_replies_lose_no_correction(redis_server, tmp_path, failure)
 
 def test_logged_events_are_replayed_at_start_up(redis_server, tmp_path):
     # what a backend process left in its log before it exited, with Redis down
-    log = LocalLog(tmp_path / "models" / "corrections" / "redis-pending.jsonl")
+    log = EventLog(tmp_path / "models" / "corrections" / "redis-pending.jsonl")
     log.append(event(1, 1, "ANNOTATION_CREATED"))
     log.append(event(2, 1, "ANNOTATION_CREATED"))
     sink = make_sink(redis_server, tmp_path)  # a new process: replays without waiting for a new event

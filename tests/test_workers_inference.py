@@ -292,7 +292,8 @@ def test_cpu_int8_worker_compiles_during_warm_up(tmp_path, monkeypatch):
     any click), and micro-batches of several images reuse the one compiled shape."""
     from samlight.fast_encoder import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
-    from serving.engine import InferenceRuntime, ModelSource
+    from serving.engine import InferenceRuntime
+    from serving.source import ModelSource
     from serving.config import WorkerSettings
 
     if not available():

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu"
     if args.checkpoint is None and args.random is None:
         args.random = os.environ.get("SAMLIGHT_RANDOM") or None
-    from serving.engine import ModelSource
+    from serving.source import ModelSource
 
     settings = WorkerSettings.from_env(redis_url=args.redis_url)
     if args.max_batch:
