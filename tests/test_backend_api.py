@@ -504,6 +504,7 @@ def test_serve_defaults_to_loud_random_weights(caplog):
     assert "SAMLIGHT_RANDOM" not in environment(parse_args([]), {"REDIS_URL": "redis://h"})
 
 
+@pytest.mark.slow
 def test_prewarm_queue_is_bounded_by_the_cache(host):
     from serving.images import ImageFetcher
     from serving.jobs import SegmentJob
@@ -533,6 +534,7 @@ def test_with_redis_url_the_app_uses_the_workers_without_torch(redis_server, tmp
     assert out.stdout.split() == ["serving.remote", "RQSegmenter"]
 
 
+@pytest.mark.slow
 def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "backend.serve", "--checkpoint", str(tmp_path / "nope")],
                          capture_output=True, text=True)
@@ -541,6 +543,7 @@ def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
     assert out.returncode == 2 and "unknown random config" in out.stderr
 
 
+@pytest.mark.slow
 def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
     """SAMLIGHT_CPU_FAST=1: bf16 encoder weights where oneDNN supports them, and a compiled encoder."""
     import torch
@@ -558,6 +561,7 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
     assert next(predictor.model.image_encoder.parameters()).dtype == expected
 
 
+@pytest.mark.slow
 def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_model():
     """SAMLIGHT_CPU_INT8=1: int8 linears in a compiled copy of the encoder; the model keeps its float weights."""
     import torch

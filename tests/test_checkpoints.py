@@ -50,6 +50,7 @@ def test_truncated_checkpoint_names_the_file_and_problem(official_vit_b, tmp_pat
         load_sam_checkpoint(truncated)
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_rejected(official_vit_b, tmp_path):
     model, _ = official_vit_b
     with pytest.raises(CheckpointError, match="does not match SAM vit_h"):

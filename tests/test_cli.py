@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ def samlight(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_predict_writes_mask_and_overlay(coco_val_images, tmp_path):
     image = coco_val_images[1]
     width, height = Image.open(image).size
@@ -31,6 +33,7 @@ def test_predict_writes_mask_and_overlay(coco_val_images, tmp_path):
     assert "RANDOM WEIGHTS" in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_errors_name_the_problem(coco_val_images, tmp_path):
     image = str(coco_val_images[0])
     cases = [
@@ -50,6 +53,7 @@ def test_predict_errors_name_the_problem(coco_val_images, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_weights_init_info_verify(tmp_path):
     out = tmp_path / "student"
     samlight("weights", "init", "--config", "lightening_test", "--teacher", "random:vit_test", "--out", str(out))
@@ -61,6 +65,7 @@ def test_weights_init_info_verify(tmp_path):
     assert result.returncode == 2 and "does not match" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_on_cpu_prints_table_and_writes_json(tmp_path):
     path = tmp_path / "bench.json"
     result = samlight("bench", "--models", "lightening_test", "--no-peers", "--repeats", "2", "--json", str(path))
@@ -70,6 +75,7 @@ def test_bench_on_cpu_prints_table_and_writes_json(tmp_path):
     assert payload["device"] and payload["date"] and row["latency_ms"] > 0 and row["params_m"] > 0
 
 
+@pytest.mark.slow
 def test_bench_int8_counts_the_quantized_weights(tmp_path):
     from samlight.modeling.int8_linear import available
 

@@ -70,6 +70,7 @@ def encoder_run(tmp_path_factory, train_samples, val_samples, teacher):
     return {"path": path, "out": out / "run", "before": before, "after": after}
 
 
+@pytest.mark.slow
 def test_distillation_loss_falls_and_fidelity_rises_on_held_out_images(encoder_run):
     records = [json.loads(line) for line in (encoder_run["out"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(40))
@@ -106,6 +107,7 @@ def test_checkpoint_carries_teacher_identity_and_metrics(encoder_run):
     assert not [k for k in checkpoint.model.state_dict() if "projection" in k]
 
 
+@pytest.mark.slow
 def test_feature_cache_spares_the_teacher_and_changes_nothing(tmp_path, train_samples):
     samples = train_samples[:4]
     common = dict(encoder_steps=4, decoder_steps=2, batch_size=2, progress=False, instances_per_image=2)
@@ -124,6 +126,7 @@ def test_feature_cache_spares_the_teacher_and_changes_nothing(tmp_path, train_sa
     _assert_same_weights(cold, uncached)
 
 
+@pytest.mark.slow
 def test_decoder_alignment_fits_ground_truth_box_prompts(tmp_path, train_samples, encoder_run):
     samples = train_samples[:4]
     before = evaluate_samples(load_student(encoder_run["path"]).model, samples, "box", device="cpu")["miou"]
@@ -168,6 +171,7 @@ def _cli(out: Path, train_json: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path, train_json, train_samples):
     steps = ["--encoder-steps", "30", "--decoder-steps", "4", "--checkpoint-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,6 +205,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path, train_json
         ("decoder", s) for s in range(4)]
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_gloo_two_processes(tmp_path, train_json):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -209,7 +209,7 @@ def _blocked_modules(allowed_dists: set[str]) -> list[str]:
     blocked = []
     for module, dists in importlib.metadata.packages_distributions().items():
         names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists}
-        if module in ("samlight", "backend", "workers") or names & allowed_dists:
+        if module in ("samlight", "serving", "backend", "workers") or names & allowed_dists:
             continue
         if names & {"pip", "setuptools", "wheel"}:  # in the python base image
             continue

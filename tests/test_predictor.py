@@ -174,6 +174,7 @@ def test_bf16_encoder_on_cpu_stays_close_to_float32(coco_val_images):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.slow
 def test_compiled_cpu_encoder_equals_eager(test_student, coco_val_images):
     """``compile_encoder`` (the CPU speed option) computes the same embedding as the eager encoder."""
     image = load_image(coco_val_images[1])

@@ -24,6 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (((256, 1),), 1, 1),  # plain global attention
     ],
 )
+@pytest.mark.slow
 def test_triton_matches_reference_with_strided_qkv(spec, heads, batch):
     branches = tuple(DilatedBranch(*b) for b in spec)
     generator = torch.Generator().manual_seed(len(spec) * 10 + heads)

@@ -162,6 +162,7 @@ def test_start_training_and_threshold_enqueue_one_job(redis_server, tmp_path):
     assert sink.redis.llen(f"rq:queue:{sink.settings.keys.training_queue}") == 1
 
 
+@pytest.mark.slow
 def test_single_cron_process_enqueues_once(redis_server, tmp_path):
     from rq.job import Job
     from rq.serializers import JSONSerializer
@@ -193,6 +194,7 @@ def test_single_cron_process_enqueues_once(redis_server, tmp_path):
                      serializer=JSONSerializer).kwargs["reason"].startswith("3 new corrections")
 
 
+@pytest.mark.slow
 def test_cron_time_schedule(redis_server, tmp_path):
     from rq.job import Job
     from rq.serializers import JSONSerializer

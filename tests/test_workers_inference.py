@@ -23,7 +23,7 @@ from e2e.servers import ImageHost, make_jwt
 from serving.remote import RQSegmenter
 from serving.registry import ModelRegistry, RegistryError
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 WORKERS = ["w1", "w2"]
 
 

@@ -20,7 +20,7 @@ from serving.registry import ModelRegistry
 from workers.training import brush_masks, split
 from serving.correction_stream import Correction
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def coco_corrections(coco_tiny, images: ImageServer, count: int) -> list[dict]:
