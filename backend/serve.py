@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", help="bind address (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default 9090 or $PORT)")
     parser.add_argument("--workers", type=int, help="gunicorn processes (default 1)")
-    parser.add_argument("--threads", type=int, help="threads per process (default 8)")
+    parser.add_argument("--threads", type=int, help="threads per process (default 32)")
     parser.add_argument("--model-dir", help="state directory (default $MODEL_DIR or ./models)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default $LOG_LEVEL or INFO)")
     return parser.parse_args(argv)
