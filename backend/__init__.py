@@ -3,7 +3,7 @@
 It imports ``serving`` (the product core) and never ``workers``.
 
 - ``app``       ``create_app()``: /health, /setup, /predict, /webhook, /train, /versions, basic auth
-- ``model``     ``SamLightModel``: the Label Studio protocol adapter, ``predict(tasks, context)`` / ``fit(event)``
+- ``adapter``   ``LabelStudioAdapter``: the Label Studio protocol, ``predict(tasks, context)`` / ``fit(event)``
 - ``labels``    the labeling config (label_studio_sdk): BrushLabels + KeyPointLabels/RectangleLabels
 - ``prompts``   Label Studio context results (percent) -> pixel prompts, with limits
 - ``options``   per-project options from Label Studio's "extra params"

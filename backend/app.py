@@ -21,7 +21,7 @@ from serving.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
 from serving.errors import StatusError
 from backend.failures import RecentFailures
-from backend.model import SamLightModel, Services
+from backend.adapter import LabelStudioAdapter, Services
 from backend.options import ProjectOptions, ProjectOptionsStore, project_key
 from serving import labelstudio
 from backend.prompts import PromptError
@@ -156,7 +156,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if corrections.get("pending_local"):
             degraded.append(f"{corrections['pending_local']} correction event(s) wait in the local log for Redis")
         status = "DOWN" if "error" in details else ("DEGRADED" if degraded else "UP")
-        body = {"status": status, "model_class": SamLightModel.__name__, "model_version": segmenter.model_version,
+        body = {"status": status, "model_class": LabelStudioAdapter.__name__, "model_version": segmenter.model_version,
                 **details, "degraded": degraded, "corrections": corrections, "failures": failures.summary()}
         return jsonify(body), 503 if status == "DOWN" else 200
 
@@ -189,7 +189,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
             options = ProjectOptions.parse(data["extra_params"])
         else:
             options = project_options.get(project_key(data.get("project")))
-        model = SamLightModel(services, label_config, options)
+        model = LabelStudioAdapter(services, label_config, options)
         if not predict_slots.acquire(timeout=settings.slot_wait_s):
             raise ApiError(f"the backend is busy: all {settings.max_concurrent_predictions} request slots stayed "
                            f"taken for {settings.slot_wait_s:g}s (raise SAMLIGHT_THREADS)", 503)
@@ -210,7 +210,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if not isinstance(action, str) or not action:
             raise ApiError("'action' is required", 400)
         try:
-            outcome = SamLightModel(services).fit(action, data)
+            outcome = LabelStudioAdapter(services).fit(action, data)
         except OSError as error:
             raise ApiError(f"could not record the {action} event: {error}", 503) from None
         return jsonify(outcome)
@@ -219,7 +219,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
     def train():
         # Label Studio's older "start training" call; recorded like the START_TRAINING webhook
         data = _json_body()
-        outcome = SamLightModel(services).fit("START_TRAINING", {"action": "START_TRAINING", **data})
+        outcome = LabelStudioAdapter(services).fit("START_TRAINING", {"action": "START_TRAINING", **data})
         return jsonify(outcome)
 
     @app.get("/versions")

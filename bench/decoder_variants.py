@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from samlight.fast_decoder import GraphedPromptDecoder
+from samlight.graphed_decoder import GraphedPromptDecoder
 from samlight.models import random_model
 
 out_dir = os.environ.get("OUT", "/tmp")

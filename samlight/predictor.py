@@ -21,8 +21,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from samlight.brush_rle import mask_to_rle_bytes
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
-from samlight.fast_decoder import GraphedPromptDecoder
-from samlight.fast_encoder import CompiledEncoder, GraphedEncoder
+from samlight.graphed_decoder import GraphedPromptDecoder
+from samlight.encoder_wrappers import CompiledEncoder, GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 from samlight.modeling import LighteningEncoder
 from samlight.modeling.int8_linear import int8_encoder

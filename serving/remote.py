@@ -34,7 +34,7 @@ from serving.config import WorkerSettings, connect
 
 log = logging.getLogger(__name__)
 
-SEGMENT_FUNC = "workers.tasks.segment"
+INFERENCE_JOB = "workers.tasks.collect_result"  # run by the inference workers, named, not imported
 
 
 class SegmenterUnavailable(RuntimeError):
@@ -155,7 +155,7 @@ class RQSegmenter:
             queues, _ = self._queues_for(payloads, bulk=kind != "click")
             with self.redis.pipeline() as pipe:
                 for job_id, payload, queue in zip(ids, payloads, queues):
-                    queue.enqueue(SEGMENT_FUNC, kwargs={"payload": payload}, job_id=job_id, ttl=ttl_s,
+                    queue.enqueue(INFERENCE_JOB, kwargs={"payload": payload}, job_id=job_id, ttl=ttl_s,
                                   result_ttl=60, failure_ttl=300, job_timeout=ttl_s + 30,
                                   description=f"{kind} {payload['job'].get('image_url')}", pipeline=pipe)
                 pipe.execute()

@@ -430,7 +430,7 @@ def test_embedded_model_is_warmed_up_before_the_first_click(host, tmp_path):
 
 
 def test_request_path_does_not_import_torch():
-    code = ("import sys, backend.app, backend.model, serving.jobs, serving.segmenter, serving.images, "
+    code = ("import sys, backend.app, backend.adapter, serving.jobs, serving.segmenter, serving.images, "
             "serving.corrections, backend.labels, backend.prompts; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -550,7 +550,7 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
 
     from serving.images import ImageFetcher
     from serving.segmenter import InProcessSegmenter
-    from samlight.fast_encoder import CompiledEncoder
+    from samlight.encoder_wrappers import CompiledEncoder
 
     settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
                                           "SAMLIGHT_CPU_FAST": "1"})
@@ -568,7 +568,7 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
 
     from serving.images import ImageFetcher
     from serving.segmenter import InProcessSegmenter
-    from samlight.fast_encoder import CompiledEncoder
+    from samlight.encoder_wrappers import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
 
     if not available():

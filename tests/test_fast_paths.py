@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from samlight.fast_decoder import embed_prompts
+from samlight.graphed_decoder import embed_prompts
 
 
 @pytest.mark.parametrize("with_points,with_box", [(True, False), (True, True), (False, True)])
@@ -37,7 +37,7 @@ def _churn(like: torch.Tensor) -> None:
 
 @needs_cuda
 def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
-    from samlight.fast_decoder import GraphedPromptDecoder
+    from samlight.graphed_decoder import GraphedPromptDecoder
 
     model = copy.deepcopy(test_student).cuda().eval()
     graphed = GraphedPromptDecoder(model, autocast=False)
@@ -61,7 +61,7 @@ def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
 @needs_cuda
 def test_bf16_graphed_decoder_stays_close_to_float32(test_student):
     """The bf16 decoder (its own bf16 weight copy, no autocast) against SAM's float32 decoder."""
-    from samlight.fast_decoder import GraphedPromptDecoder
+    from samlight.graphed_decoder import GraphedPromptDecoder
 
     model = copy.deepcopy(test_student).cuda().eval()
     graphed = GraphedPromptDecoder(model, autocast=True)
@@ -85,7 +85,7 @@ def test_bf16_graphed_decoder_stays_close_to_float32(test_student):
 
 @needs_cuda
 def test_graphed_encoder_replays_equal_eager_after_memory_churn(test_student):
-    from samlight.fast_encoder import GraphedEncoder
+    from samlight.encoder_wrappers import GraphedEncoder
 
     encoder = copy.deepcopy(test_student.image_encoder).cuda().eval()
     graphed = GraphedEncoder(copy.deepcopy(encoder), dtype=torch.float32)

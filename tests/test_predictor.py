@@ -187,7 +187,7 @@ def test_compiled_cpu_encoder_equals_eager(test_student, coco_val_images):
 
 def test_compiled_encoder_falls_back_to_eager_when_compilation_fails(test_student):
     """A torch build that cannot compile the encoder still serves it, eagerly."""
-    from samlight.fast_encoder import CompiledEncoder
+    from samlight.encoder_wrappers import CompiledEncoder
 
     def broken_compiler(graph, example_inputs):
         raise RuntimeError("this build cannot compile")

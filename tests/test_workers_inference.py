@@ -290,7 +290,7 @@ def test_worker_killed_mid_job(fleet):
 def test_cpu_int8_worker_compiles_during_warm_up(tmp_path, monkeypatch):
     """SAMLIGHT_CPU_INT8=1 on a CPU worker: int8 linears, compiled while the model warms up (before it serves
     any click), and micro-batches of several images reuse the one compiled shape."""
-    from samlight.fast_encoder import CompiledEncoder
+    from samlight.encoder_wrappers import CompiledEncoder
     from samlight.modeling.int8_linear import Int8Linear, available
     from serving.engine import InferenceRuntime
     from serving.source import ModelSource

@@ -1,4 +1,5 @@
-"""``SamLightModel``: the label-studio-ml 2.x style model, ``predict(tasks, context)`` and ``fit(event, data)``.
+"""``LabelStudioAdapter``: Label Studio's ML backend protocol (label-studio-ml 2.x style), ``predict(tasks,
+context)`` and ``fit(event, data)``, over the process's segmenter, image fetcher and correction sink.
 
 It holds no per-process state: every request carries the labeling config, and the model is built per request
 around the process's shared services (segmenter, image fetcher, correction sink).
@@ -36,7 +37,7 @@ class Services:
     sink: CorrectionSink
 
 
-class SamLightModel:
+class LabelStudioAdapter:
     def __init__(self, services: Services, label_config: str | None = None,
                  options: ProjectOptions | None = None) -> None:
         self.services = services
