@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from serving.corrections import CorrectionSink, webhook_events
 from serving.images import FetchError, ImageFetcher
 from serving.jobs import SegmentJob
-from backend.labels import LabelingSchema, parse_config
+from backend.labels import ConfigError, LabelingSchema, parse_config
 from backend.options import ProjectOptions
 from backend.prompts import Prompt, parse_context
 from serving.labelstudio import rle_from_base64
@@ -138,5 +138,21 @@ class LabelStudioAdapter:
         if not events:
             return {"status": "ignored", "action": event}
         for item in events:
-            self.services.sink.record(item)
+            self.services.sink.record(_with_image_url(item))
         return {"status": "recorded", "action": event, "events": len(events)}
+
+
+def _with_image_url(event: dict) -> dict:
+    """An annotation event with the task's image URL found by the labeling config's rule, the one ``/predict``
+    uses, so that training reads the image the annotator saw (Label Studio sends the project, config
+    included, with each webhook). Events without a usable config are recorded as they came."""
+    project, task = event.get("project"), event.get("task")
+    config = project.get("label_config") if isinstance(project, dict) else None
+    if "annotation" not in event or not isinstance(config, str) or not isinstance(task, dict):
+        return event
+    try:
+        key = parse_config(config).image_value
+    except ConfigError:
+        return event
+    url = (task.get("data") or {}).get(key)
+    return {**event, "samlight": {"image_url": url}} if isinstance(url, str) else event

@@ -71,7 +71,15 @@ class Correction:
         return cls(**json.loads(text))
 
 
+def configured_image_url(event: dict) -> str | None:
+    """The image URL the backend found by the labeling config's rule (``event["samlight"]["image_url"]``)."""
+    extra = event.get("samlight")
+    url = extra.get("image_url") if isinstance(extra, dict) else None
+    return url if isinstance(url, str) else None
+
+
 def image_url(task: dict) -> str | None:
+    """A guess, for events recorded without the labeling config's answer (older logs, other senders)."""
     data = task.get("data") or {}
     for key in ("image", "img", "url"):
         if isinstance(data.get(key), str):
@@ -92,7 +100,7 @@ def correction_from_event(event: dict) -> Correction:
         annotation_id=str(annotation["id"]),
         task_id=task_id,
         updated_at=str(updated),
-        image=image_url(task),
+        image=configured_image_url(event) or image_url(task),
         result=annotation.get("result") or [],
         project=project.get("id") if isinstance(project, dict) else project,
     )

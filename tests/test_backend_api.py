@@ -389,6 +389,22 @@ def test_webhooks_are_recorded_and_masks_round_trip(app, client, photo):
     assert np.array_equal(masks[0]["mask"] > 0, mask)
 
 
+def test_corrections_name_the_image_the_labeling_config_names(host, tmp_path):
+    """Training must read the image the annotator saw: the config's ``$photo``, not a guess among the task's
+    strings (the same rule as /predict)."""
+    from serving.correction_stream import correction_from_event
+
+    app = make_app(host, tmp_path, ModelSource(test_model="geometry"))
+    config = SMART_CONFIG.replace('value="$image"', 'value="$photo"')
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 8, "result": []},
+             "task": {"id": 3, "data": {"image": "/data/upload/thumb.jpg", "photo": "/data/upload/photo.jpg"}},
+             "project": {"id": 1, "label_config": config}}
+    assert app.test_client().post("/webhook", json=event).status_code == 200
+    [recorded] = list(FileCorrectionSink(app.extensions["samlight"].sink.directory).events())
+    assert correction_from_event(recorded).image == "/data/upload/photo.jpg"
+    assert correction_from_event(event).image == "/data/upload/thumb.jpg"  # the old guess, without the config
+
+
 def test_file_sink_is_safe_under_concurrent_writers(tmp_path):
     sink = FileCorrectionSink(tmp_path)
     payload = {"action": "ANNOTATION_CREATED", "annotation": {"result": ["x" * 10_000]}}
