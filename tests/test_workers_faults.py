@@ -33,13 +33,13 @@ def stack(tmp_path, coco_tiny):
     names = sorted(p.name for p in (coco_tiny / "val2017").glob("*.jpg"))
     model_dir = tmp_path / "models"
     segmenter = RQSegmenter(redis.url, fetcher=ImageFetcher(), model_dir=model_dir, deadline_ms=5000)
-    worker = start_inference_worker(redis.url, model_dir, "w1", tmp_path)
+    state = {"redis": redis, "images": images, "names": names, "segmenter": segmenter, "model_dir": model_dir,
+             "tmp": tmp_path, "worker": start_inference_worker(redis.url, model_dir, "w1", tmp_path)}
     try:
         wait_for_workers(segmenter, ["w1"])
-        yield {"redis": redis, "images": images, "names": names, "segmenter": segmenter, "worker": worker,
-               "model_dir": model_dir, "tmp": tmp_path}
+        yield state
     finally:
-        stop(worker)
+        stop(state["worker"])  # a test may have replaced it (kill -9 and restart)
         images.close()
         redis.stop()
 
