@@ -104,6 +104,9 @@ class ProjectOptionsStore:
         self.directory = Path(directory)
 
     def save(self, project: str, options: ProjectOptions) -> None:
+        """Store the options; a no-op when they are unchanged (Label Studio calls /setup at every task open)."""
+        if (self.directory / f"{project}.json").exists() and self.get(project) == options:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{project}.json"
         fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".options-")

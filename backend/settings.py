@@ -38,6 +38,7 @@ class BackendSettings:
     threads: int = 32  # request threads mostly wait (on a worker's answer, an image, a model slot)
     preload: bool = True  # embedded: start loading the model when the worker starts
     max_request_bytes: int = 256 * 1024 * 1024  # webhook payloads carry whole annotations
+    slot_wait_s: float = 5.0  # a /predict that finds every request slot taken waits this long, then 503
 
     @classmethod
     def from_env(cls, env=None) -> "BackendSettings":
@@ -74,5 +75,3 @@ class BackendSettings:
         # keep two request threads free so /health and /setup never wait behind inference
         return max(1, self.threads - 2)
 
-    # a /predict that finds every slot taken waits this long for one before answering 503
-    slot_wait_s: float = 5.0

@@ -230,19 +230,19 @@ class InProcessSegmenter:
             click = not job.prewarm_only
             wait_s = self.settings.slot_wait_s if click else self.PREWARM_SLOT_WAIT_S
             with self._key_locks(job.image_key):
-                timings = {}
+                timings, image = {}, None
                 if not predictor.is_cached(job.image_key):
                     # downloaded outside the inference slots: a slow image server holds up only its own clicks
                     start = time.perf_counter()
                     image = self.fetcher.fetch(job.image_url)
                     timings["fetch"] = (time.perf_counter() - start) * 1000
-                    with self._slots.take(click, wait_s):
+                with self._slots.take(click, wait_s):  # one slot for the embedding and the mask
+                    if image is not None:
                         start = time.perf_counter()
                         predictor.embed(image, key=job.image_key)
                         timings["embed"] = (time.perf_counter() - start) * 1000
-                with self._slots.take(click, wait_s):
                     result = execute(job, predictor, self.fetcher, self.model_version)
-                result["cached"] = result["cached"] and not timings
+                result["cached"] = image is None
                 result["timings_ms"] = {**timings, **result.get("timings_ms", {})}
                 return result
         except (JobError, FetchError) as error:
