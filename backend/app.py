@@ -16,7 +16,7 @@ import time
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from serving.corrections import CorrectionSink, FileCorrectionSink
+from serving.corrections import CorrectionSink, create_correction_sink
 from serving.images import ImageFetcher
 from backend.labels import ConfigError, parse_config
 from serving.errors import StatusError
@@ -77,30 +77,18 @@ def _json_body() -> dict:
     return data
 
 
-def _sink_for(settings: BackendSettings) -> CorrectionSink:
-    fallback = FileCorrectionSink(settings.corrections_dir)
-    redis_url = settings.segmenter.redis_url
-    if redis_url:
-        try:
-            from serving.remote import correction_sink  # the workers' Redis stream, falling back to the file
-        except ImportError:
-            return fallback
-        return correction_sink(redis_url, fallback)
-    return fallback
-
-
 def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | None = None,
                sink: CorrectionSink | None = None, fetcher: ImageFetcher | None = None) -> Flask:
     settings = settings or BackendSettings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(settings.log_level)
-    fetcher = fetcher or ImageFetcher.from_settings(settings.fetch)
-    segmenter = segmenter or create_segmenter(settings.segmenter, fetcher)
-    services = Services(segmenter=segmenter, fetcher=fetcher, sink=sink or _sink_for(settings))
+    logging.basicConfig(level=settings.core.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(settings.core.log_level)
+    fetcher = fetcher or ImageFetcher.from_settings(settings.core.fetch)
+    segmenter = segmenter or create_segmenter(settings.core, fetcher)
+    services = Services(segmenter=segmenter, fetcher=fetcher, sink=sink or create_correction_sink(settings.core))
     if settings.preload and hasattr(segmenter, "load_in_background"):
         segmenter.load_in_background()
     predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
-    project_options = ProjectOptionsStore(settings.model_dir / "projects")
+    project_options = ProjectOptionsStore(settings.core.model_dir / "projects")
     failures = RecentFailures()
 
     app = Flask("samlight-backend")

@@ -60,13 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     env = environment(args, dict(os.environ))
-    from serving.source import ModelSource
     from backend.settings import BackendSettings
 
     try:  # a clear error here rather than gunicorn workers failing to boot
-        BackendSettings.from_env(env)
-        if not env.get("REDIS_URL"):
-            ModelSource.from_env(env).validate()
+        settings = BackendSettings.from_env(env)
+        if not settings.core.redis_url:
+            settings.core.model.validate()
     except ValueError as error:
         print(f"samlight-serve: error: {error}", file=sys.stderr)
         return 2

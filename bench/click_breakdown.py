@@ -81,7 +81,6 @@ def main(argv=None) -> int:
     env = dict(os.environ, LOG_LEVEL="WARNING", MODEL_DIR=str(scratch / "models"), SAMLIGHT_FETCH_ALLOW="127.0.0.1")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(Path(args.redis_server).resolve().parent),
                                                            env.get("LD_LIBRARY_PATH")]))
-    os.environ["MODEL_DIR"] = env["MODEL_DIR"]
     processes = [subprocess.Popen([args.redis_server, "--port", str(port), "--save", "", "--dir", str(scratch)],
                                   env=env, stdout=subprocess.DEVNULL)]
     redis_url = f"redis://127.0.0.1:{port}/0"
@@ -99,9 +98,13 @@ def main(argv=None) -> int:
         from backend.app import create_app
         from serving.jobs import SegmentJob
         from backend.labels import SMART_CONFIG
+        from serving.config import Settings
+        from serving.images import ImageFetcher
         from serving.remote import RQSegmenter
 
-        segmenter = RQSegmenter(redis_url)
+        settings = Settings.from_env(env)
+        settings.rq.redis_url = redis_url
+        segmenter = RQSegmenter(settings.rq, ImageFetcher.from_settings(settings.fetch))
         wait_for(lambda: segmenter.alive_workers(), 180, "the inference worker")
         name = sorted(p.name for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
         url = f"http://127.0.0.1:{images.server_port}/{name}"

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from serving.registry import ModelRegistry, RegistryError
-    from serving.config import WorkerSettings, connect
+    from serving.config import Settings, connect
 
-    settings = WorkerSettings.from_env()
+    settings = Settings.from_env().rq
     registry = ModelRegistry(settings.model_dir, connect(settings.redis_url), settings.keys)
     try:
         if args.action == "list":

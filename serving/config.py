@@ -1,22 +1,62 @@
-"""Configuration of the RQ side, read from the environment (one dataclass, no globals)."""
+"""Every setting samlight reads from the environment, read once, in one place: ``Settings.from_env()``.
+
+One tree of dataclasses: the root holds what every process shares (Redis, the state directory, the model
+source, image fetching), and one branch per kind of process: ``embedded`` (the in-process model of a backend
+without Redis), ``rq`` (inference workers and the backend's RQ client), ``training`` (the DLD job). The HTTP
+server's own options (bind, processes, basic auth) are read by ``backend.settings`` with the same reader.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-from serving.env import flag
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
+from samlight.image_io import ImageLimits
+from serving.source import ModelSource
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+class Environment:
+    """Reads environment variables with one set of rules: unset or empty means the default, and a value that
+    does not parse is a ``ValueError`` naming the variable."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = os.environ if env is None else env
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def integer(self, name: str, default: int) -> int:
+        return self._parse(name, default, int, "an integer")
+
+    def number(self, name: str, default: float) -> float:
+        return self._parse(name, default, float, "a number")
+
+    def flag(self, name: str, default: bool) -> bool:
+        """1/true/yes/on (any case) is on, 0/false/no/off is off."""
+        value = self.text(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be on or off (1/0, true/false, yes/no), got {value!r}")
+
+    def names(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list."""
+        return tuple(item.strip() for item in (self.text(name) or "").split(",") if item.strip())
+
+    def _parse(self, name: str, default, kind, what: str):
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {what}, got {value!r}") from None
 
 
 @dataclass
@@ -103,6 +143,8 @@ class Keys:
 
 @dataclass
 class WorkerSettings:
+    """Inference workers and the backend's RQ client."""
+
     redis_url: str = "redis://127.0.0.1:6379/0"
     model_dir: Path = Path("models")
     keys: Keys = field(default_factory=Keys)
@@ -124,31 +166,135 @@ class WorkerSettings:
     # a new model version compiles during its warm-up, before it is swapped in
     cpu_fast: bool = False
     cpu_int8: bool = False
+    rq_log_level: str = "WARNING"  # RQ logs three lines per job at INFO: noise on a click path
+
+    @property
+    def corrections_dir(self) -> Path:
+        return Path(self.model_dir) / "corrections"
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 15.0  # the whole fetch: connect, redirects, headers and body
+    limits: ImageLimits = ImageLimits()
+    allow: tuple[str, ...] = ()  # extra networks / host names images may come from (private ones included)
+    failure_ttl_s: float = 10.0  # how long a failed fetch is answered from memory
+
+
+@dataclass
+class EmbeddedSettings:
+    """The model a backend without Redis runs in its own processes."""
+
+    device: str | None = None  # None: CUDA when available
+    cache_entries: int = 64
+    torch_threads: int | None = None  # None: torch's default
+    prewarm_threads: int = 1
+    # on the CPU: bf16 encoder weights where oneDNN runs them natively, and torch.compile of the encoder
+    # (~2x the fp32 default on AVX512-BF16; the warm-up pays the compilation)
+    cpu_fast: bool = False
+    # on the CPU: the encoder blocks' linears as int8 GEMMs (VNNI/AMX), compiled; ~25% under cpu_fast,
+    # with a small accuracy cost
+    cpu_int8: bool = False
+    # model calls at once; a click waits up to slot_wait_s for one (before prewarm work), then gets a 503
+    inference_slots: int = 2
+    slot_wait_s: float = 5.0
+
+
+@dataclass
+class TrainingSettings:
+    teacher: str | None = None  # SAMLIGHT_TEACHER: "vit_h:/w/sam_vit_h.pth" or "random:vit_test"
+    student_config: str = "lightening_t"  # the student to start from when no version is active
+    encoder_steps: int = 200
+    decoder_steps: int = 100
+    batch_size: int = 4
+    min_corrections: int = 2
+    device: str | None = None
+
+
+@dataclass
+class Settings:
+    """The whole configuration of a samlight process."""
+
+    redis_url: str | None = None  # None: the embedded mode (no Redis, the model in the backend's processes)
+    model_dir: Path = Path("models")
+    log_level: str = "INFO"
+    model: ModelSource = field(default_factory=ModelSource)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    rq: WorkerSettings = field(default_factory=WorkerSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+
+    def __post_init__(self) -> None:
+        # the RQ branch carries the root's Redis URL and state directory: RQ code needs only its branch
+        self.rq.model_dir = self.model_dir
+        if self.redis_url:
+            self.rq.redis_url = self.redis_url
+
+    @property
+    def corrections_dir(self) -> Path:
+        return self.rq.corrections_dir
 
     @classmethod
-    def from_env(cls, **overrides) -> "WorkerSettings":
-        settings = cls(
-            redis_url=os.environ.get("REDIS_URL", cls.redis_url),
-            model_dir=Path(os.environ.get("MODEL_DIR", "models")),
-            keys=Keys(os.environ.get("SAMLIGHT_REDIS_PREFIX", "samlight")),
-            deadline_ms=_env_int("SAMLIGHT_DEADLINE_MS", cls.deadline_ms),
-            prewarm_deadline_ms=_env_int("SAMLIGHT_PREWARM_DEADLINE_MS", cls.prewarm_deadline_ms),
-            max_batch=_env_int("SAMLIGHT_MAX_BATCH", cls.max_batch),
-            fetch_wait_ms=_env_int("SAMLIGHT_FETCH_WAIT_MS", cls.fetch_wait_ms),
-            cache_entries=_env_int("SAMLIGHT_WORKER_CACHE_ENTRIES", cls.cache_entries),
-            route_ttl_s=_env_int("SAMLIGHT_ROUTE_TTL_S", cls.route_ttl_s),
-            alive_ttl_ms=_env_int("SAMLIGHT_ALIVE_TTL_MS", cls.alive_ttl_ms),
-            train_every_hours=_env_float("SAMLIGHT_TRAIN_EVERY_HOURS", cls.train_every_hours),
-            train_after_corrections=_env_int("SAMLIGHT_TRAIN_AFTER_CORRECTIONS", cls.train_after_corrections),
-            gate_margin=_env_float("SAMLIGHT_GATE_MARGIN", cls.gate_margin),
-            holdout_fraction=_env_float("SAMLIGHT_HOLDOUT_FRACTION", cls.holdout_fraction),
-            training_timeout_s=_env_int("SAMLIGHT_TRAINING_TIMEOUT_S", cls.training_timeout_s),
-            cpu_fast=flag(os.environ.get("SAMLIGHT_CPU_FAST"), False),
-            cpu_int8=flag(os.environ.get("SAMLIGHT_CPU_INT8"), False),
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        read = Environment(env)
+        redis_url = read.text("REDIS_URL")
+        model_dir = Path(read.text("MODEL_DIR", "models"))
+        cpu_fast, cpu_int8 = read.flag("SAMLIGHT_CPU_FAST", False), read.flag("SAMLIGHT_CPU_INT8", False)
+        limits = ImageLimits()
+        threads = read.integer("SAMLIGHT_TORCH_THREADS", 0)
+        return cls(
+            redis_url=redis_url,
+            model_dir=model_dir,
+            log_level=read.text("LOG_LEVEL", "INFO").upper(),
+            model=ModelSource(checkpoint=read.text("SAMLIGHT_CHECKPOINT"), random=read.text("SAMLIGHT_RANDOM"),
+                              seed=read.integer("SAMLIGHT_SEED", 0), test_model=read.text("SAMLIGHT_TEST_MODEL")),
+            fetch=FetchSettings(
+                label_studio_url=read.text("LABEL_STUDIO_URL") or read.text("LABEL_STUDIO_HOST"),
+                api_key=read.text("LABEL_STUDIO_API_KEY"),
+                timeout_s=read.number("SAMLIGHT_FETCH_TIMEOUT", 15.0),
+                limits=ImageLimits(max_bytes=read.integer("SAMLIGHT_MAX_IMAGE_BYTES", limits.max_bytes),
+                                   max_pixels=read.integer("SAMLIGHT_MAX_IMAGE_PIXELS", limits.max_pixels)),
+                allow=read.names("SAMLIGHT_FETCH_ALLOW"),
+                failure_ttl_s=read.number("SAMLIGHT_FETCH_FAILURE_TTL", 10.0),
+            ),
+            embedded=EmbeddedSettings(
+                device=read.text("SAMLIGHT_DEVICE"),
+                cache_entries=read.integer("SAMLIGHT_CACHE_ENTRIES", EmbeddedSettings.cache_entries),
+                torch_threads=threads or None,
+                cpu_fast=cpu_fast, cpu_int8=cpu_int8,
+            ),
+            rq=WorkerSettings(
+                keys=Keys(read.text("SAMLIGHT_REDIS_PREFIX", "samlight")),
+                deadline_ms=read.integer("SAMLIGHT_DEADLINE_MS", WorkerSettings.deadline_ms),
+                prewarm_deadline_ms=read.integer("SAMLIGHT_PREWARM_DEADLINE_MS", WorkerSettings.prewarm_deadline_ms),
+                max_batch=read.integer("SAMLIGHT_MAX_BATCH", WorkerSettings.max_batch),
+                fetch_wait_ms=read.integer("SAMLIGHT_FETCH_WAIT_MS", WorkerSettings.fetch_wait_ms),
+                # one knob for both modes; SAMLIGHT_WORKER_CACHE_ENTRIES is its old name on the workers
+                cache_entries=read.integer("SAMLIGHT_CACHE_ENTRIES", read.integer(
+                    "SAMLIGHT_WORKER_CACHE_ENTRIES", WorkerSettings.cache_entries)),
+                route_ttl_s=read.integer("SAMLIGHT_ROUTE_TTL_S", WorkerSettings.route_ttl_s),
+                alive_ttl_ms=read.integer("SAMLIGHT_ALIVE_TTL_MS", WorkerSettings.alive_ttl_ms),
+                train_every_hours=read.number("SAMLIGHT_TRAIN_EVERY_HOURS", WorkerSettings.train_every_hours),
+                train_after_corrections=read.integer("SAMLIGHT_TRAIN_AFTER_CORRECTIONS",
+                                                     WorkerSettings.train_after_corrections),
+                gate_margin=read.number("SAMLIGHT_GATE_MARGIN", WorkerSettings.gate_margin),
+                holdout_fraction=read.number("SAMLIGHT_HOLDOUT_FRACTION", WorkerSettings.holdout_fraction),
+                training_timeout_s=read.integer("SAMLIGHT_TRAINING_TIMEOUT_S", WorkerSettings.training_timeout_s),
+                cpu_fast=cpu_fast, cpu_int8=cpu_int8,
+                rq_log_level=read.text("RQ_LOG_LEVEL", WorkerSettings.rq_log_level).upper(),
+            ),
+            training=TrainingSettings(
+                teacher=read.text("SAMLIGHT_TEACHER"),
+                student_config=read.text("SAMLIGHT_STUDENT_CONFIG", TrainingSettings.student_config),
+                encoder_steps=read.integer("SAMLIGHT_TRAIN_ENCODER_STEPS", TrainingSettings.encoder_steps),
+                decoder_steps=read.integer("SAMLIGHT_TRAIN_DECODER_STEPS", TrainingSettings.decoder_steps),
+                batch_size=read.integer("SAMLIGHT_TRAIN_BATCH", TrainingSettings.batch_size),
+                min_corrections=read.integer("SAMLIGHT_TRAIN_MIN_CORRECTIONS", TrainingSettings.min_corrections),
+                device=read.text("SAMLIGHT_TRAIN_DEVICE"),
+            ),
         )
-        for name, value in overrides.items():
-            setattr(settings, name, value)
-        return settings
 
 
 def connect(redis_url: str, timeout_s: float = 2.0):

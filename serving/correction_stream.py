@@ -18,7 +18,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from serving.config import Keys, WorkerSettings, connect
 from serving.corrections import EventLog
@@ -156,15 +155,11 @@ class CorrectionStore:
 class RedisCorrectionSink:
     """The backend's correction sink when ``REDIS_URL`` is set (falls back to the local log)."""
 
-    def __init__(self, redis_url: str, model_dir: str | os.PathLike | None = None,
-                 settings: WorkerSettings | None = None, log_dir: str | os.PathLike | None = None) -> None:
-        self.settings = settings or WorkerSettings.from_env(redis_url=redis_url)
-        if model_dir is not None:
-            self.settings.model_dir = Path(model_dir)
-        self.redis = connect(redis_url, timeout_s=1.0)
-        self.store = CorrectionStore(self.redis, self.settings.keys)
-        directory = Path(log_dir) if log_dir is not None else Path(self.settings.model_dir) / "corrections"
-        self.local = EventLog(directory / "redis-pending.jsonl")
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.redis = connect(settings.redis_url, timeout_s=1.0)
+        self.store = CorrectionStore(self.redis, settings.keys)
+        self.local = EventLog(settings.corrections_dir / "redis-pending.jsonl")
         self._replayer: threading.Thread | None = None
         self._replayer_lock = threading.Lock()
         if self.local.pending():  # events a previous process could not store: replay them without waiting

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
-import numpy as np
 
 from serving.errors import StatusError
-from serving.labelstudio import rle_to_mask
 
 RECORDED_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                              "START_TRAINING"})
@@ -179,20 +177,11 @@ class FileCorrectionSink:
         return self.log.events()
 
 
-def annotation_masks(annotation: dict) -> list[dict]:
-    """The brush masks of a Label Studio annotation (or prediction) as arrays.
+def create_correction_sink(settings) -> CorrectionSink:
+    """Where a backend stores webhook events: the Redis stream when Redis is configured (falling back to a local
+    log while Redis is down), else the fsynced file log."""
+    if settings.redis_url:
+        from serving.correction_stream import RedisCorrectionSink
 
-    Returns ``[{"from_name", "to_name", "labels", "mask": (H, W) uint8 0/255, "id"}]``.
-    """
-    masks = []
-    for item in annotation.get("result") or []:
-        if not isinstance(item, dict) or item.get("type", "").lower() != "brushlabels":
-            continue
-        value = item.get("value") or {}
-        if value.get("format") != "rle" or "rle" not in value:
-            continue
-        height, width = int(item["original_height"]), int(item["original_width"])
-        masks.append({"id": item.get("id"), "from_name": item.get("from_name"), "to_name": item.get("to_name"),
-                      "labels": list(value.get("brushlabels") or []),
-                      "mask": rle_to_mask(value["rle"], height, width).astype(np.uint8)})
-    return masks
+        return RedisCorrectionSink(settings.rq)
+    return FileCorrectionSink(settings.corrections_dir)

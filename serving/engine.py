@@ -111,17 +111,13 @@ class BatchFetcher:
 
 class InferenceRuntime:
     def __init__(self, settings: WorkerSettings, redis, worker_name: str, device: str,
-                 source: ModelSource, fetcher=None) -> None:
+                 source: ModelSource, fetcher) -> None:
         self.settings = settings
         self.redis = redis
         self.worker_name = worker_name
         self.device = device
         self.source = source
         self.registry = ModelRegistry(settings.model_dir, redis, settings.keys)
-        if fetcher is None:
-            from serving.images import ImageFetcher
-
-            fetcher = ImageFetcher.from_env()
         self.fetcher = fetcher
         self.downloads = ImageDownloads(fetcher)
         self.served: Served | None = None

@@ -21,16 +21,15 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
 import urllib3
 
+from serving.config import FetchSettings
 from serving.errors import StatusError
 from serving.outbound import GuardedSession, OutboundPolicy, origin
 from samlight.image_io import ImageError, ImageLimits, decode_image
@@ -102,32 +101,6 @@ class LabelStudioAuth:
         self._expires_at = float(claims.get("exp", time.time() + 60))
 
 
-@dataclass(frozen=True)
-class FetchSettings:
-    label_studio_url: str | None = None
-    api_key: str | None = None
-    timeout_s: float = 15.0  # the whole fetch: connect, redirects, headers and body
-    limits: ImageLimits = ImageLimits()
-    allow: tuple[str, ...] = ()  # extra networks / host names images may come from (private ones included)
-    failure_ttl_s: float = 10.0  # how long a failed fetch is answered from memory
-
-    @classmethod
-    def from_env(cls, env: "os._Environ | dict | None" = None) -> "FetchSettings":
-        env = os.environ if env is None else env
-        defaults = ImageLimits()
-        return cls(
-            label_studio_url=(env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None),
-            api_key=env.get("LABEL_STUDIO_API_KEY") or None,
-            timeout_s=float(env.get("SAMLIGHT_FETCH_TIMEOUT", 15.0)),
-            limits=ImageLimits(
-                max_bytes=int(env.get("SAMLIGHT_MAX_IMAGE_BYTES", defaults.max_bytes)),
-                max_pixels=int(env.get("SAMLIGHT_MAX_IMAGE_PIXELS", defaults.max_pixels)),
-            ),
-            allow=tuple(a.strip() for a in (env.get("SAMLIGHT_FETCH_ALLOW") or "").split(",") if a.strip()),
-            failure_ttl_s=float(env.get("SAMLIGHT_FETCH_FAILURE_TTL", 10.0)),
-        )
-
-
 def _limit_next_read(response: requests.Response, seconds: float) -> None:
     """Give the response's socket only ``seconds`` for its next read."""
     raw = response.raw
@@ -165,10 +138,6 @@ class ImageFetcher:
     def from_settings(cls, settings: FetchSettings) -> "ImageFetcher":
         return cls(settings.label_studio_url, settings.api_key, settings.limits, settings.timeout_s,
                    allow=settings.allow, failure_ttl_s=settings.failure_ttl_s)
-
-    @classmethod
-    def from_env(cls, env=None) -> "ImageFetcher":
-        return cls.from_settings(FetchSettings.from_env(env))
 
     # --- URLs -------------------------------------------------------------------------------------
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
+
+log = logging.getLogger(__name__)
 
 class BrushRle(bytes):
     """Brush RLE bytes that ``dumps`` writes as Label Studio's JSON list of numbers."""
@@ -56,3 +60,35 @@ def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
     if values.size != height * width * 4:
         raise ValueError(f"RLE holds {values.size} values, expected {height}x{width}x4 = {height * width * 4}")
     return values.reshape(height, width, 4)[:, :, 3]
+
+
+@dataclass
+class BrushRegion:
+    """One brush region of an annotation or prediction, decoded."""
+
+    id: str | None
+    from_name: str | None
+    to_name: str | None
+    labels: list[str]
+    mask: np.ndarray  # (H, W) bool
+
+
+def brush_regions(result: list) -> list[BrushRegion]:
+    """The brush regions of a Label Studio ``result`` list, decoded; a region whose RLE does not fit its
+    declared size is skipped with a warning (one bad region must not lose the others)."""
+    regions = []
+    for item in result or []:
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "brushlabels":
+            continue
+        value = item.get("value") or {}
+        if value.get("format") != "rle" or not value.get("rle"):
+            continue
+        try:
+            height, width = int(item["original_height"]), int(item["original_width"])
+            mask = rle_to_mask(value["rle"], height, width) > 127
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("brush region %s skipped: %s", item.get("id"), error)
+            continue
+        regions.append(BrushRegion(item.get("id"), item.get("from_name"), item.get("to_name"),
+                                   list(value.get("brushlabels") or []), mask))
+    return regions

@@ -58,30 +58,16 @@ def job_to_dict(job) -> dict:
 class RQSegmenter:
     """Segmenter protocol: ``segment(jobs)``, ``prewarm(jobs)``, ``health()``, ``model_version``."""
 
-    def __init__(self, redis_url: str, settings: WorkerSettings | None = None, fetcher=None,
-                 deadline_ms: int | None = None, model_dir=None) -> None:
-        self.settings = settings or WorkerSettings.from_env(redis_url=redis_url)
-        self.settings.redis_url = redis_url
-        if deadline_ms is not None:
-            self.settings.deadline_ms = deadline_ms
-        if model_dir is not None:
-            from pathlib import Path
-
-            self.settings.model_dir = Path(model_dir)
-        keys = self.settings.keys
+    def __init__(self, settings: WorkerSettings, fetcher: ImageFetcher) -> None:
+        self.settings = settings
+        redis_url = settings.redis_url
+        keys = settings.keys
         # commands fail fast; waits use their own connection whose socket timeout exceeds any deadline
         self.redis = connect(redis_url, timeout_s=1.0)
         wait_s = max(self.settings.deadline_ms, self.settings.prewarm_deadline_ms) / 1000 + 5
         self.wait_redis = connect(redis_url, timeout_s=wait_s)
         self.shared = Queue(keys.shared_queue, connection=self.redis, serializer=JSONSerializer)
         self.registry = ModelRegistry(self.settings.model_dir, self.redis, keys)
-        if fetcher is None:
-            try:
-                from serving.images import ImageFetcher
-
-                fetcher = ImageFetcher.from_env()
-            except ImportError:
-                fetcher = None
         self.fetcher = fetcher
         self._version_cache: tuple[float, str] = (0.0, "unknown")
         self._lock = threading.Lock()
@@ -321,10 +307,3 @@ class RQSegmenter:
             except Exception:
                 pass
 
-
-def correction_sink(redis_url: str, fallback=None):
-    """The backend's correction sink with ``REDIS_URL``: Redis stream, local log when Redis is down."""
-    from serving.correction_stream import RedisCorrectionSink
-
-    directory = getattr(fallback, "directory", None)
-    return RedisCorrectionSink(redis_url, log_dir=directory)

@@ -14,10 +14,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from serving.env import flag
+from serving.config import EmbeddedSettings, Settings
 from serving.images import FetchError, ImageFetcher
 from serving.source import ModelSource
 from serving.jobs import JobError, SegmentJob, error_result, execute
@@ -44,34 +43,6 @@ class Segmenter(Protocol):
 
     def versions(self) -> list[str]:
         """Known model versions, the active one first."""
-
-
-@dataclass
-class EmbeddedSettings:
-    source: ModelSource
-    device: str | None = None  # None: CUDA when available
-    cache_entries: int = 64
-    torch_threads: int | None = None  # None: torch's default
-    prewarm_threads: int = 1
-    # on the CPU: bf16 encoder weights where oneDNN runs them natively, and torch.compile of the encoder
-    # (~2x the fp32 default on AVX512-BF16; the first image pays the compilation)
-    cpu_fast: bool = False
-    # on the CPU: the encoder blocks' linears as int8 GEMMs (VNNI/AMX), compiled; ~25% under cpu_fast,
-    # with a small accuracy cost
-    cpu_int8: bool = False
-    # model calls at once; a click waits up to slot_wait_s for one (before prewarm work), then gets a 503
-    inference_slots: int = 2
-    slot_wait_s: float = 5.0
-
-    @classmethod
-    def from_env(cls, env=None) -> "EmbeddedSettings":
-        env = os.environ if env is None else env
-        threads = env.get("SAMLIGHT_TORCH_THREADS")
-        return cls(source=ModelSource.from_env(env), device=env.get("SAMLIGHT_DEVICE") or None,
-                   cache_entries=int(env.get("SAMLIGHT_CACHE_ENTRIES", 64)),
-                   torch_threads=int(threads) if threads else None,
-                   cpu_fast=flag(env.get("SAMLIGHT_CPU_FAST"), False),
-                   cpu_int8=flag(env.get("SAMLIGHT_CPU_INT8"), False))
 
 
 class _KeyLocks:
@@ -137,11 +108,12 @@ class InProcessSegmenter:
 
     PREWARM_SLOT_WAIT_S = 60.0  # bulk work waits behind clicks this long before it is dropped
 
-    def __init__(self, settings: EmbeddedSettings, fetcher: ImageFetcher) -> None:
-        settings.source.validate()
+    def __init__(self, settings: EmbeddedSettings, source: ModelSource, fetcher: ImageFetcher) -> None:
+        source.validate()
         self.settings = settings
+        self.source = source
         self.fetcher = fetcher
-        self._version = settings.source.version()  # cheap; a SAM .pth is hashed once here, at startup
+        self._version = source.version()  # cheap; a SAM .pth is hashed once here, at startup
         self._predictor = None
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
@@ -176,7 +148,7 @@ class InProcessSegmenter:
         return self._predictor
 
     def _load(self):
-        if self.settings.source.test_model is not None:
+        if self.source.test_model is not None:
             from serving.testing import GeometryPredictor
 
             log.warning("SERVING THE TEST-ONLY GEOMETRY MODEL (SAMLIGHT_TEST_MODEL): boxes and discs, not SAM")
@@ -191,7 +163,7 @@ class InProcessSegmenter:
             torch.set_num_threads(self.settings.torch_threads)
         start = time.perf_counter()
         try:
-            model, version = self.settings.source.load()
+            model, version = self.source.load()
             self._version = version
             device = torch.device(self.settings.device) if self.settings.device else default_device()
             speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
@@ -289,20 +261,10 @@ class InProcessSegmenter:
         return status
 
 
-@dataclass
-class SegmenterSettings:
-    redis_url: str | None = None
-    embedded: EmbeddedSettings = field(default_factory=lambda: EmbeddedSettings(ModelSource()))
-
-    @classmethod
-    def from_env(cls, env=None) -> "SegmenterSettings":
-        env = os.environ if env is None else env
-        return cls(redis_url=env.get("REDIS_URL") or None, embedded=EmbeddedSettings.from_env(env))
-
-
-def create_segmenter(settings: SegmenterSettings, fetcher: ImageFetcher) -> Segmenter:
+def create_segmenter(settings: Settings, fetcher: ImageFetcher) -> Segmenter:
+    """RQ workers when Redis is configured, else the model in this process."""
     if settings.redis_url:
         from serving.remote import RQSegmenter  # lazy: keeps torch off the request path
 
-        return RQSegmenter(settings.redis_url, fetcher=fetcher)
-    return InProcessSegmenter(settings.embedded, fetcher)
+        return RQSegmenter(settings.rq, fetcher=fetcher)
+    return InProcessSegmenter(settings.embedded, settings.model, fetcher)

@@ -4,7 +4,6 @@ test-only geometry model. One description for the embedded backend and the infer
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,6 @@ class ModelSource:
     random: str | None = None
     seed: int = 0
     test_model: str | None = None  # "geometry": serving.testing's deterministic stand-in, for tests only
-
-    @classmethod
-    def from_env(cls, env=None) -> "ModelSource":
-        env = os.environ if env is None else env
-        return cls(checkpoint=env.get("SAMLIGHT_CHECKPOINT") or None, random=env.get("SAMLIGHT_RANDOM") or None,
-                   seed=int(env.get("SAMLIGHT_SEED", 0)), test_model=env.get("SAMLIGHT_TEST_MODEL") or None)
 
     def validate(self) -> None:
         if self.test_model is not None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-CODE_DIRS = ("backend", "workers", "samlight")
+CODE_DIRS = ("backend", "serving", "workers", "samlight")
+READER_METHODS = {"text", "integer", "number", "flag", "names"}  # serving.config.Environment
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
@@ -41,7 +42,7 @@ def env_reads(tree: ast.AST, path: Path) -> list[EnvRead]:
     """Every environment variable a module reads by a literal name.
 
     Covers os.environ.get/[...]/pop/setdefault, os.getenv, `"X" in os.environ`, an `env` mapping
-    parameter (env.get("X")), and helpers whose name mentions env (_env_int("X", 0)). Writes
+    parameter (env.get("X")), ``serving.config.Environment`` readers (read.integer("X", 0)), and helpers whose name mentions env (_env_int("X", 0)). Writes
     (os.environ["X"] = ...) are not reads.
     """
     found: list[EnvRead] = []
@@ -57,6 +58,9 @@ def env_reads(tree: ast.AST, path: Path) -> list[EnvRead]:
                     and _is_env_mapping(func.value):
                 add(node, node.args[0])
             elif isinstance(func, ast.Attribute) and func.attr == "getenv":
+                add(node, node.args[0])
+            elif isinstance(func, ast.Attribute) and func.attr in READER_METHODS and (
+                    _source(func.value) == "read" or _source(func.value).startswith("Environment(")):
                 add(node, node.args[0])
             elif isinstance(func, ast.Name) and "env" in func.id.lower():
                 add(node, node.args[0])

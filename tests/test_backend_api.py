@@ -16,11 +16,10 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from serving.corrections import FileCorrectionSink, annotation_masks
-from serving.images import FetchSettings
+from serving.corrections import FileCorrectionSink
+from serving.config import EmbeddedSettings, FetchSettings, Settings
 from backend.labels import SMART_CONFIG
-from serving.labelstudio import rle_to_mask
-from serving.segmenter import EmbeddedSettings, SegmenterSettings
+from serving.labelstudio import brush_regions, rle_to_mask
 from serving.source import ModelSource
 from backend.settings import BackendSettings
 from serving.testing import point_radius
@@ -43,10 +42,8 @@ def photo(coco_val_images):
 
 
 def make_app(host, model_dir, source: ModelSource, **options):
-    settings = BackendSettings(
-        fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
-        segmenter=SegmenterSettings(embedded=EmbeddedSettings(source)),
-        model_dir=model_dir, preload=False, **options)
+    settings = BackendSettings(Settings(model_dir=model_dir, model=source, fetch=FetchSettings(
+        label_studio_url=host.url, api_key=host.legacy_token)), preload=False, **options)
     return create_app(settings)
 
 
@@ -384,9 +381,9 @@ def test_webhooks_are_recorded_and_masks_round_trip(app, client, photo):
     sink = FileCorrectionSink(app.extensions["samlight"].sink.directory)
     recorded = list(sink.events())
     assert [e["action"] for e in recorded] == [e["action"] for e in events[:4]]
-    masks = annotation_masks(recorded[0]["annotation"])
-    assert len(masks) == 1 and masks[0]["labels"] == ["Object"] and masks[0]["from_name"] == "mask"
-    assert np.array_equal(masks[0]["mask"] > 0, mask)
+    masks = brush_regions(recorded[0]["annotation"]["result"])
+    assert len(masks) == 1 and masks[0].labels == ["Object"] and masks[0].from_name == "mask"
+    assert np.array_equal(masks[0].mask, mask)
 
 
 def test_corrections_name_the_image_the_labeling_config_names(host, tmp_path):
@@ -434,9 +431,9 @@ def test_real_model_click_and_box(host, tmp_path, photo):
 
 
 def test_embedded_model_is_warmed_up_before_the_first_click(host, tmp_path):
-    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
-                               segmenter=SegmenterSettings(embedded=EmbeddedSettings(
-                                   ModelSource(random="lightening_test"))), model_dir=tmp_path)  # preload on
+    settings = BackendSettings(Settings(model_dir=tmp_path, model=ModelSource(random="lightening_test"),
+                                        fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token)))
+    assert settings.preload  # the default
     client = create_app(settings).test_client()
     deadline = time.monotonic() + 60
     while not client.get("/health").get_json()["model_loaded"] and time.monotonic() < deadline:
@@ -488,10 +485,9 @@ def test_a_click_waits_for_a_slot_instead_of_being_refused(host, tmp_path, photo
 
 def test_slow_images_do_not_hold_up_other_clicks(host, tmp_path, photo):
     # one model slot; three clicks wait on a slow image server meanwhile, without holding that slot
-    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
-                               segmenter=SegmenterSettings(embedded=EmbeddedSettings(
-                                   ModelSource(test_model="geometry"), inference_slots=1)),
-                               model_dir=tmp_path, preload=False)
+    settings = BackendSettings(Settings(model_dir=tmp_path, model=ModelSource(test_model="geometry"),
+                                        fetch=FetchSettings(label_studio_url=host.url, api_key=host.legacy_token),
+                                        embedded=EmbeddedSettings(inference_slots=1)), preload=False)
     app = create_app(settings)
     slow = [threading.Thread(target=lambda i=i: app.test_client().post(
         "/predict", json=predict_body(dict(photo, url=f"/slow?{i}"), {"result": [keypoint(5, 5, photo)]})))
@@ -526,7 +522,7 @@ def test_prewarm_queue_is_bounded_by_the_cache(host):
     from serving.jobs import SegmentJob
     from serving.segmenter import InProcessSegmenter
 
-    segmenter = InProcessSegmenter(EmbeddedSettings(ModelSource(test_model="geometry"), cache_entries=2),
+    segmenter = InProcessSegmenter(EmbeddedSettings(cache_entries=2), ModelSource(test_model="geometry"),
                                    ImageFetcher(host.url, host.legacy_token))
     segmenter.prewarm([SegmentJob(f"/slow?{i}", f"k{i}", prewarm_only=True) for i in range(5)])
     assert segmenter.health()["prewarm_pending"] == 2  # the other three were dropped, not queued
@@ -568,10 +564,10 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
     from serving.segmenter import InProcessSegmenter
     from samlight.encoder_wrappers import CompiledEncoder
 
-    settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
-                                          "SAMLIGHT_CPU_FAST": "1"})
-    assert settings.cpu_fast and not EmbeddedSettings.from_env({}).cpu_fast
-    predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
+    settings = Settings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
+                                  "SAMLIGHT_CPU_FAST": "1"})
+    assert settings.embedded.cpu_fast and not Settings.from_env({}).embedded.cpu_fast
+    predictor = InProcessSegmenter(settings.embedded, settings.model, ImageFetcher()).predictor()
     assert isinstance(predictor.encoder, CompiledEncoder)
     expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     assert next(predictor.model.image_encoder.parameters()).dtype == expected
@@ -589,10 +585,10 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
 
     if not available():
         pytest.skip("needs oneDNN's int8 GEMM")
-    settings = EmbeddedSettings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
-                                          "SAMLIGHT_CPU_INT8": "1"})
-    assert settings.cpu_int8 and not EmbeddedSettings.from_env({}).cpu_int8
-    predictor = InProcessSegmenter(settings, ImageFetcher()).predictor()
+    settings = Settings.from_env({"SAMLIGHT_RANDOM": "lightening_test", "SAMLIGHT_DEVICE": "cpu",
+                                  "SAMLIGHT_CPU_INT8": "1"})
+    assert settings.embedded.cpu_int8 and not Settings.from_env({}).embedded.cpu_int8
+    predictor = InProcessSegmenter(settings.embedded, settings.model, ImageFetcher()).predictor()
     assert isinstance(predictor.encoder, CompiledEncoder)
     assert any(isinstance(m, Int8Linear) for m in predictor.encoder.modules())
     assert not any(isinstance(m, Int8Linear) for m in predictor.model.image_encoder.modules())

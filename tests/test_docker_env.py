@@ -1,5 +1,5 @@
-""".env.example documents every variable: the ones the code reads (scanned from backend/, workers/,
-samlight/ and docker/*.py as they are) and the ones the compose files interpolate."""
+""".env.example documents every variable: the ones the code reads (scanned from backend/, serving/,
+workers/, samlight/ and docker/*.py as they are) and the ones the compose files interpolate."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ def f(env=None):
     return env.get("F_ENV_PARAM"), env["G_ENV_ITEM"]
 h = _env_int("H_HELPER", 3)
 i = "I_IN" in os.environ
+read = Environment(env)
+j = read.integer("J_READER", 3), Environment().flag("K_READER", False)
 os.environ["NOT_A_READ"] = "1"
 help_text = "NOT_EITHER"
 '''
     found = {r.name for r in env_reads(ast.parse(source), tmp_path / "x.py")}
     assert found == {"A_GET", "B_ITEM", "C_GETENV", "D_BARE_GETENV", "E_ENVIRON", "F_ENV_PARAM", "G_ENV_ITEM",
-                     "H_HELPER", "I_IN"}
+                     "H_HELPER", "I_IN", "J_READER", "K_READER"}
 
 
 def test_every_variable_the_code_reads_is_in_env_example():

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.corrections import FileCorrectionSink, annotation_masks
+from serving.corrections import FileCorrectionSink
 from backend.labels import SMART_CONFIG
-from serving.labelstudio import rle_to_mask
+from serving.labelstudio import brush_regions, rle_to_mask
 from conftest import REPO, free_port
 from e2e.browser import LabelingUI, chromium
 from e2e.labelstudio import Backend, LabelStudio, install_label_studio
@@ -156,9 +156,9 @@ def test_readme_quick_start_in_the_browser(stack, photos):
                 time.sleep(0.2)
             [created] = [e for e in sink.events() if e["action"] == "ANNOTATION_CREATED"]
             assert created["task"]["id"] == tasks[0]["id"]
-            masks = annotation_masks(created["annotation"])
-            assert len(masks) == 2 and all(m["mask"].shape == (size[1], size[0]) for m in masks)
-            assert all(m["labels"] == ["Object"] for m in masks)
+            masks = brush_regions(created["annotation"]["result"])
+            assert len(masks) == 2 and all(m.mask.shape == (size[1], size[0]) for m in masks)
+            assert all(m.labels == ["Object"] for m in masks)
 
             # every open prewarms, also of a task opened before a backend restart: its first click hits the cache
             ui.open_task(project["id"], tasks[1]["id"])

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.corrections import FileCorrectionSink, annotation_masks
+from serving.corrections import FileCorrectionSink
 from backend.labels import SMART_CONFIG
-from serving.labelstudio import rle_to_mask
+from serving.labelstudio import brush_regions, rle_to_mask
 from serving.testing import point_radius
 from conftest import free_port
 from e2e.labelstudio import LEGACY_TOKEN, Backend, LabelStudio, install_label_studio
@@ -156,9 +156,9 @@ def test_random_model_clicks_boxes_batch_and_webhooks(stack, coco_object):
         time.sleep(0.2)
     created = [e for e in sink.events() if e["action"] == "ANNOTATION_CREATED"]
     assert created and created[-1]["annotation"]["id"] == annotation["id"]
-    recorded = annotation_masks(created[-1]["annotation"])
+    recorded = brush_regions(created[-1]["annotation"]["result"])
     expected = rle_to_mask(region["value"]["rle"], size[1], size[0])
-    assert len(recorded) == 1 and np.array_equal(recorded[0]["mask"], expected)
+    assert len(recorded) == 1 and np.array_equal(recorded[0].mask, expected > 127)
 
     versions = studio.api("GET", f"/api/ml/{ml['id']}/versions").json()
     assert "random-lightening_test-0" in versions["versions"]

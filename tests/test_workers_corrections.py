@@ -31,7 +31,7 @@ def event(annotation_id: int, updated: int, action: str = "ANNOTATION_UPDATED", 
 
 def make_sink(redis_server, tmp_path, **settings) -> RedisCorrectionSink:
     config = WorkerSettings(redis_url=redis_server.url, model_dir=tmp_path / "models", **settings)
-    return RedisCorrectionSink(redis_server.url, settings=config)
+    return RedisCorrectionSink(config)
 
 
 def test_dedup_update_and_delete(redis_server, tmp_path):

@@ -14,9 +14,9 @@ import pytest
 
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
 from backend.app import create_app
-from serving.images import FetchSettings, ImageFetcher
+from serving.config import Settings, WorkerSettings
+from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
-from serving.segmenter import SegmenterSettings
 from backend.settings import BackendSettings
 from conftest import RedisServer, free_port
 from serving.remote import RQSegmenter
@@ -32,7 +32,7 @@ def stack(tmp_path, coco_tiny):
     images = ImageServer(coco_tiny / "val2017")
     names = sorted(p.name for p in (coco_tiny / "val2017").glob("*.jpg"))
     model_dir = tmp_path / "models"
-    segmenter = RQSegmenter(redis.url, fetcher=ImageFetcher(), model_dir=model_dir, deadline_ms=5000)
+    segmenter = RQSegmenter(WorkerSettings(redis.url, model_dir, deadline_ms=5000), ImageFetcher())
     state = {"redis": redis, "images": images, "names": names, "segmenter": segmenter, "model_dir": model_dir,
              "tmp": tmp_path, "worker": start_inference_worker(redis.url, model_dir, "w1", tmp_path)}
     try:
@@ -102,8 +102,7 @@ def test_a_killed_worker_restarts_under_its_name_at_once(stack):
 
 
 def test_health_is_down_without_workers_and_counts_every_queue(stack):
-    settings = BackendSettings(fetch=FetchSettings(), segmenter=SegmenterSettings(redis_url=stack["redis"].url),
-                               model_dir=stack["model_dir"], preload=False)
+    settings = BackendSettings(Settings(redis_url=stack["redis"].url, model_dir=stack["model_dir"]), preload=False)
     client = create_app(settings).test_client()
     assert client.get("/health").get_json()["status"] == "UP"
     stop(stack["worker"])

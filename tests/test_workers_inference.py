@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
+from serving.config import WorkerSettings
 from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
 from serving.labelstudio import rle_from_base64, rle_to_mask
@@ -42,7 +44,7 @@ def fleet(tmp_path_factory, coco_tiny):
                                               LABEL_STUDIO_API_KEY=label_studio.personal_token)
                  for name in WORKERS}
     fetcher = ImageFetcher()
-    segmenter = RQSegmenter(redis.url, fetcher=fetcher, model_dir=model_dir, deadline_ms=20000)
+    segmenter = RQSegmenter(WorkerSettings(redis.url, model_dir, deadline_ms=20000), fetcher)
     try:
         wait_for_workers(segmenter, WORKERS)
         yield {"redis": redis, "images": images, "segmenter": segmenter, "processes": processes,
@@ -120,16 +122,14 @@ def test_routing_reuses_embeddings_across_workers(fleet):
 def test_backend_app_over_rq(fleet, monkeypatch):
     """The Flask backend with REDIS_URL: clicks, webhooks, /versions, /setup and /health go through Redis."""
     from backend.app import create_app
-    from serving.images import FetchSettings
+    from serving.config import FetchSettings, Settings
     from backend.labels import SMART_CONFIG
-    from serving.segmenter import SegmenterSettings
     from backend.settings import BackendSettings
 
     monkeypatch.setenv("MODEL_DIR", str(fleet["model_dir"]))
     host = fleet["label_studio"]
-    settings = BackendSettings(fetch=FetchSettings(label_studio_url=host.url, api_key=host.personal_token),
-                               segmenter=SegmenterSettings(redis_url=fleet["redis"].url),
-                               model_dir=fleet["model_dir"], preload=False)
+    settings = BackendSettings(Settings(redis_url=fleet["redis"].url, model_dir=fleet["model_dir"], fetch=FetchSettings(
+        label_studio_url=host.url, api_key=host.personal_token)), preload=False)
     client = create_app(settings).test_client()
     health = client.get("/health")
     assert health.status_code == 200 and {w["name"] for w in health.get_json()["workers"]} == set(WORKERS)
@@ -159,7 +159,7 @@ def test_backend_app_over_rq(fleet, monkeypatch):
 
 
 def test_no_worker_fails_fast(redis_server):
-    segmenter = RQSegmenter(redis_server.url, fetcher=ImageFetcher(), deadline_ms=3000)
+    segmenter = RQSegmenter(WorkerSettings(redis_server.url, deadline_ms=3000), ImageFetcher())
     started = time.monotonic()
     [result] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
                                              points=[[1, 1]], point_labels=[1])])
@@ -256,8 +256,8 @@ def test_hot_reload_under_load_and_corrupt_version_rejected(fleet):
 
 
 def test_worker_killed_mid_job(fleet):
-    segmenter = RQSegmenter(fleet["redis"].url, fetcher=fleet["fetcher"], model_dir=fleet["model_dir"],
-                            deadline_ms=4000)
+    segmenter = RQSegmenter(WorkerSettings(fleet["redis"].url, fleet["model_dir"], deadline_ms=4000),
+                            fleet["fetcher"])
     outcome = {}
     idle_by = time.monotonic() + 10  # heartbeats of the previous test's last batch must not be mistaken
     while any(w.get("busy") for w in segmenter.worker_info()) and time.monotonic() < idle_by:
@@ -294,12 +294,12 @@ def test_cpu_int8_worker_compiles_during_warm_up(tmp_path, monkeypatch):
     from samlight.modeling.int8_linear import Int8Linear, available
     from serving.engine import InferenceRuntime
     from serving.source import ModelSource
-    from serving.config import WorkerSettings
+    from serving.config import Settings
 
     if not available():
         pytest.skip("needs oneDNN's int8 GEMM")
     monkeypatch.setenv("SAMLIGHT_CPU_INT8", "1")
-    settings = WorkerSettings.from_env(model_dir=tmp_path, max_batch=2)
+    settings = dataclasses.replace(Settings.from_env().rq, model_dir=tmp_path, max_batch=2)
     assert settings.cpu_int8 and not settings.cpu_fast
     runtime = InferenceRuntime(settings, None, "w0", "cpu", ModelSource(random="lightening_test"), fetcher=object())
     served = runtime.load_initial()

@@ -15,9 +15,12 @@ from _workers_support import REPO, ImageServer, start_inference_worker, stop, wa
 from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
 from samlight.brush_rle import mask_to_rle
-from serving.remote import RQSegmenter, correction_sink
+from serving.config import WorkerSettings
+from serving.correction_stream import RedisCorrectionSink
+from serving.remote import RQSegmenter
 from serving.registry import ModelRegistry
-from workers.training import brush_masks, split
+from serving.labelstudio import brush_regions
+from workers.training import split
 from serving.correction_stream import Correction
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -61,8 +64,10 @@ def test_brush_masks_round_trip_and_split():
         {"type": "brushlabels", "original_width": 40, "original_height": 30,
          "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["a"]}},
         {"type": "rectanglelabels", "value": {}}])
-    [decoded] = brush_masks(correction)
-    assert np.array_equal(decoded, mask)
+    [decoded] = brush_regions(correction.result)
+    assert np.array_equal(decoded.mask, mask) and decoded.labels == ["a"]
+    bad = dict(correction.result[0], original_width=41)  # RLE that does not fit its declared size: skipped
+    assert brush_regions([bad, correction.result[0]])[0].mask.shape == (30, 40) and len(brush_regions([bad])) == 0
     corrections = [Correction(str(i), i, "t", "u", []) for i in range(20)]
     train, held = split(corrections, 0.2)
     assert held and train and not {c.annotation_id for c in train} & {c.annotation_id for c in held}
@@ -73,14 +78,13 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
     images = ImageServer(coco_tiny / "train2017")
     model_dir = tmp_path / "models"
     fetcher = ImageFetcher()
-    segmenter = RQSegmenter(redis_server.url, fetcher=fetcher, model_dir=model_dir, deadline_ms=20000)
+    segmenter = RQSegmenter(WorkerSettings(redis_server.url, model_dir, deadline_ms=20000), fetcher)
     inference = start_inference_worker(redis_server.url, model_dir, "w1", tmp_path)
     training_env = worker_env(model_dir, SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
                               SAMLIGHT_TRAIN_ENCODER_STEPS=3, SAMLIGHT_TRAIN_DECODER_STEPS=3, SAMLIGHT_TRAIN_BATCH=2,
                               SAMLIGHT_HOLDOUT_FRACTION=0.25)
     try:
-        sink = correction_sink(redis_server.url, None)
-        sink.settings.model_dir = model_dir
+        sink = RedisCorrectionSink(WorkerSettings(redis_server.url, model_dir))
         for event in coco_corrections(coco_tiny, images, 5):
             assert sink.record(event)["stored"]
         queued = sink.record({"action": "START_TRAINING", "project": {"id": 1}})

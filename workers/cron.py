@@ -22,6 +22,7 @@ from rq.cron import CronJob, CronScheduler
 from serving.correction_stream import CorrectionStore
 from serving.schedule import enqueue_training
 from serving.config import WorkerSettings, connect
+from workers.process import add_redis_argument, start
 
 log = logging.getLogger("workers.cron")
 
@@ -120,13 +121,12 @@ def build(settings: WorkerSettings, check_seconds: int) -> SingleCron:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.cron", description=__doc__.split("\n")[0])
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    add_redis_argument(parser)
     parser.add_argument("--every-hours", type=float, default=None, help="SAMLIGHT_TRAIN_EVERY_HOURS")
     parser.add_argument("--after-corrections", type=int, default=None, help="SAMLIGHT_TRAIN_AFTER_CORRECTIONS")
     parser.add_argument("--check-seconds", type=int, default=10)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    settings = WorkerSettings.from_env(redis_url=args.redis_url)
+    settings = start(args).rq
     if args.every_hours is not None:
         settings.train_every_hours = args.every_hours
     if args.after_corrections is not None:

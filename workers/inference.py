@@ -17,6 +17,7 @@ deployment without a process supervisor recovers by itself. A name left register
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -30,6 +31,8 @@ from rq.serializers import JSONSerializer
 from rq.worker_registration import unregister
 
 from serving.config import WorkerSettings, connect
+from serving.images import ImageFetcher
+from workers.process import add_redis_argument, start
 
 log = logging.getLogger("workers.inference")
 
@@ -108,8 +111,8 @@ class InferenceWorker(SimpleWorker):
         super().teardown()
 
 
-def make_worker(settings: WorkerSettings, device: str, source, name: str | None = None,
-                fetcher=None, runtime=None) -> InferenceWorker:
+def make_worker(settings: WorkerSettings, device: str, source, fetcher: ImageFetcher, name: str | None = None,
+                runtime=None) -> InferenceWorker:
     from serving.engine import InferenceRuntime
 
     name = name or f"infer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -144,15 +147,15 @@ def wait_for_redis(redis_url: str, poll_s: float = 0.25) -> None:
             time.sleep(poll_s)
 
 
-def serve(settings: WorkerSettings, device: str, source, name: str | None = None, burst: bool = False,
-          logging_level: str = "WARNING") -> None:
+def serve(settings: WorkerSettings, device: str, source, fetcher: ImageFetcher, name: str | None = None,
+          burst: bool = False) -> None:
     """Run the worker until it is asked to stop, restarting its work loop after Redis failures."""
     name = name or f"infer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     runtime = None
     while True:
-        worker = make_worker(settings, device, source, name=name, runtime=runtime)
+        worker = make_worker(settings, device, source, fetcher, name=name, runtime=runtime)
         try:
-            worker.work(burst=burst, logging_level=logging_level)
+            worker.work(burst=burst, logging_level=settings.rq_log_level)
         except redis.RedisError as error:  # bootstrap / registration could not reach Redis
             log.error("worker %s could not start: %s: %s", name, error.__class__.__name__, error)
         runtime = worker.runtime
@@ -166,15 +169,15 @@ def serve(settings: WorkerSettings, device: str, source, name: str | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.inference", description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", type=int, default=None, help="GPU index (one process per GPU); -1 for CPU")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--checkpoint", default=os.environ.get("SAMLIGHT_CHECKPOINT"),
-                        help="model when the registry has no active version (student dir or SAM .pth)")
-    parser.add_argument("--random", default=None, help="random-weight config instead (demos and tests)")
+    add_redis_argument(parser)
+    parser.add_argument("--checkpoint", help="model when the registry has no active version (student dir or SAM "
+                                             ".pth); default: $SAMLIGHT_CHECKPOINT")
+    parser.add_argument("--random", help="random-weight config instead (demos and tests); default: $SAMLIGHT_RANDOM")
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    config = start(args)
     if args.gpu is not None and args.gpu >= 0:
         # pin before torch initialises CUDA: this process only ever sees its GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
@@ -185,17 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = "cpu"
-    if args.checkpoint is None and args.random is None:
-        args.random = os.environ.get("SAMLIGHT_RANDOM") or None
-    from serving.source import ModelSource
-
-    settings = WorkerSettings.from_env(redis_url=args.redis_url)
+    settings = config.rq
     if args.max_batch:
         settings.max_batch = args.max_batch
-    source = ModelSource(checkpoint=args.checkpoint, random=args.random)
-    # RQ logs three lines per job at INFO: on a click path that is noise, so RQ_LOG_LEVEL defaults to WARNING
-    serve(settings, device, source, name=args.name, burst=args.burst,
-          logging_level=os.environ.get("RQ_LOG_LEVEL", "WARNING"))
+    source = config.model
+    if args.checkpoint or args.random:
+        source = dataclasses.replace(source, checkpoint=args.checkpoint, random=args.random)
+    serve(settings, device, source, ImageFetcher.from_settings(config.fetch), name=args.name, burst=args.burst)
     return 0
 
 

@@ -16,68 +16,21 @@ torch is imported only inside the job (the forking worker's parent never touches
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from serving.correction_stream import Correction, CorrectionStore
+from serving.labelstudio import brush_regions
 from serving.registry import ModelRegistry
-from serving.config import WorkerSettings, connect
+from serving.config import Settings, connect
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingSettings:
-    teacher: str | None = None  # SAMLIGHT_TEACHER: "vit_h:/w/sam_vit_h.pth" or "random:vit_test"
-    student_config: str = "lightening_t"  # the student to start from when no version is active
-    encoder_steps: int = 200
-    decoder_steps: int = 100
-    batch_size: int = 4
-    min_corrections: int = 2
-    device: str | None = None
-
-    @classmethod
-    def from_env(cls) -> "TrainingSettings":
-        env = os.environ
-        return cls(
-            teacher=env.get("SAMLIGHT_TEACHER") or None,
-            student_config=env.get("SAMLIGHT_STUDENT_CONFIG", cls.student_config),
-            encoder_steps=int(env.get("SAMLIGHT_TRAIN_ENCODER_STEPS", cls.encoder_steps)),
-            decoder_steps=int(env.get("SAMLIGHT_TRAIN_DECODER_STEPS", cls.decoder_steps)),
-            batch_size=int(env.get("SAMLIGHT_TRAIN_BATCH", cls.batch_size)),
-            min_corrections=int(env.get("SAMLIGHT_TRAIN_MIN_CORRECTIONS", cls.min_corrections)),
-            device=env.get("SAMLIGHT_TRAIN_DEVICE") or None,
-        )
-
-
-def brush_masks(correction: Correction) -> list:
-    """The correction's brush masks as bool (H, W) arrays (label_studio_sdk's RLE decoder)."""
-    import numpy as np
-    from label_studio_sdk.converter.brush import decode_rle
-
-    masks = []
-    for item in correction.result:
-        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "brushlabels":
-            continue
-        value = item.get("value") or {}
-        if value.get("format") != "rle" or not value.get("rle"):
-            continue
-        height, width = int(item["original_height"]), int(item["original_width"])
-        flat = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)
-        if flat.size != height * width * 4:
-            log.warning("annotation %s: brush RLE of %d values does not fit %dx%d; skipped",
-                        correction.annotation_id, flat.size, width, height)
-            continue
-        mask = flat.reshape(height, width, 4)[:, :, 3] > 127
-        if mask.any():
-            masks.append(mask)
-    return masks
 
 
 def is_held_out(annotation_id: str, fraction: float) -> bool:
@@ -101,7 +54,7 @@ def to_samples(corrections: list[Correction], fetcher) -> list:
 
     samples = []
     for correction in corrections:
-        masks = brush_masks(correction)
+        masks = [region.mask for region in brush_regions(correction.result)]
         if not masks or not correction.image:
             continue
         try:
@@ -116,27 +69,10 @@ def to_samples(corrections: list[Correction], fetcher) -> list:
 
 
 def box_miou(model, samples) -> dict:
-    """Box-prompt mIoU on held-out samples (``samlight.eval.evaluate_samples`` when it is available)."""
-    try:
-        from samlight.eval import evaluate_samples
-    except ImportError:
-        evaluate_samples = None
-    if evaluate_samples is not None:
-        return dict(evaluate_samples(model, samples, prompt="box"))
-    import numpy as np
+    """Box-prompt mIoU on held-out samples (the evaluation protocol of ``samlight eval``)."""
+    from samlight.eval import evaluate_samples
 
-    from samlight.distill.data import mask_box
-    from samlight.predictor import Predictor
-
-    predictor = Predictor(model)
-    ious = []
-    for sample in samples:
-        embedding = predictor.embed(sample.load_image())
-        for mask in sample.load_masks():
-            predicted = predictor.predict_embedding(embedding, box=mask_box(mask), multimask_output=False).masks[0]
-            union = np.logical_or(predicted, mask).sum()
-            ious.append(float(np.logical_and(predicted, mask).sum() / union) if union else 1.0)
-    return {"miou": float(np.mean(ious)) if ious else 0.0, "instances": len(ious)}
+    return dict(evaluate_samples(model, samples, prompt="box"))
 
 
 def run_digest(parent: str | None, teacher_identity: str, corrections: list[Correction], config: dict) -> str:
@@ -152,10 +88,8 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     """The RQ job body. Returns a JSON summary (published version, metrics, gate decision)."""
     from rq import get_current_job
 
-    worker_settings = WorkerSettings.from_env()
-    training = TrainingSettings.from_env()
-    for name, value in (settings or {}).items():
-        setattr(training, name, value)
+    config = Settings.from_env()
+    worker_settings, training = config.rq, dataclasses.replace(config.training, **(settings or {}))
     job = get_current_job()
     redis = job.connection if job is not None else connect(worker_settings.redis_url, timeout_s=10)
     store = CorrectionStore(redis, worker_settings.keys)
@@ -191,7 +125,7 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
         store.mark_trained(consumed)
         return dict(summary, status="up-to-date", run=digest, why="this run was already rejected by the gate")
 
-    fetcher = ImageFetcher.from_env()
+    fetcher = ImageFetcher.from_settings(config.fetch)
     train_samples, held_samples = to_samples(train_corr, fetcher), to_samples(held_corr, fetcher)
     if not train_samples:
         return dict(summary, status="skipped", why="no correction with a brush mask and a reachable image")
