@@ -10,11 +10,11 @@ import time
 import torch
 
 from samlight.graphed_decoder import GraphedPromptDecoder
-from samlight.models import random_model
+from samlight.models import ModelSpec
 
 out_dir = os.environ.get("OUT", "/tmp")
 dev = torch.device("cuda")
-model = random_model("lightening_t").to(dev).eval()
+model = ModelSpec.random("lightening_t").load().to(dev).eval()
 features = torch.randn(1, 256, 64, 64, device=dev)
 boxes = torch.tensor([[100.0, 80.0, 700.0, 600.0]], device=dev)
 coords = torch.tensor([[[300.0, 200.0], [500.0, 400.0]]], device=dev)

@@ -112,13 +112,14 @@ class Bench(PhasedRun):
 
     def undistilled(self) -> Path:
         """The student before distillation: seeded init, prompt encoder and decoder copied from the teacher."""
-        from samlight.checkpoints import TeacherSpec, save_student
+        from samlight.checkpoints import save_student
+        from samlight.models import ModelSpec
         from samlight.modeling import build_student, seeded, student_config
         from samlight.modeling.build import init_decoder_from
 
         path = self.work / "undistilled"
         config = student_config(self.args.student)
-        spec = TeacherSpec.parse(self.args.teacher)
+        spec = ModelSpec.parse(self.args.teacher)
         model = seeded(0, build_student, config)
         init_decoder_from(model, spec.load())
         save_student(model, config, path, {"teacher": spec.identity, "note": "undistilled initialisation"})

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from samlight.image_io import load_image
-from samlight.models import random_model
+from samlight.models import ModelSpec
 from samlight.predictor import Predictor
 
 
@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    fast = Predictor(random_model(args.config), device="cuda")  # bf16 graphs, Triton attention
-    exact = Predictor(random_model(args.config), device="cuda", fast=False, autocast=False)  # fp32 eager
+    fast = Predictor(ModelSpec.random(args.config).load(), device="cuda")  # bf16 graphs, Triton attention
+    exact = Predictor(ModelSpec.random(args.config).load(), device="cuda", fast=False, autocast=False)  # fp32 eager
     exact.model.image_encoder.apply(lambda m: setattr(m, "backend", "torch_cuda") if hasattr(m, "backend") else None)
     rows = []
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from samlight.bench import time_ms
-from samlight.models import random_model
+from samlight.models import ModelSpec
 from samlight.predictor import Predictor
 
 
@@ -37,7 +37,7 @@ def top_kernels(step: Callable[[], object], out: str | None, rows: int = 30) -> 
 
 def profile_encoder(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    encoder = random_model(args.config).image_encoder.cuda().to(dtype).eval()
+    encoder = ModelSpec.random(args.config).load().image_encoder.cuda().to(dtype).eval()
     x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=dtype)
     with torch.inference_mode():
         top_kernels(lambda: encoder(x), args.out)
@@ -47,12 +47,12 @@ def profile_decoder(args: argparse.Namespace) -> None:
     """Box prompt -> mask with a cached embedding: the graphed path's time, then the eager path's kernels."""
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     box = np.array([[100.0, 80.0, 400.0, 360.0]])
-    graphed = Predictor(random_model(args.config), device="cuda", autocast=not args.fp32_decoder)
+    graphed = Predictor(ModelSpec.random(args.config).load(), device="cuda", autocast=not args.fp32_decoder)
     embedding = graphed.embed(image)
     times = time_ms(lambda: graphed._decode(embedding, None, None, box, None, False), torch.device("cuda"), 50, 5)
     print(f"decode (graphed) median {statistics.median(times):.3f} ms, cudnn.benchmark={args.cudnn_benchmark}, "
           f"decoder {'fp32' if args.fp32_decoder else 'bf16 autocast'}")
-    eager = Predictor(random_model(args.config), device="cuda", fast=False)
+    eager = Predictor(ModelSpec.random(args.config).load(), device="cuda", fast=False)
     eager_embedding = eager.embed(image)
     top_kernels(lambda: eager._decode(eager_embedding, None, None, box, None, False), args.out, rows=25)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from samlight.modeling.int8_linear import Int8Linear, int8_encoder
-from samlight.models import random_model
+from samlight.models import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _peer_entries(precisions: list[str]) -> list[Entry]:
     entries = []
     for name in SAM_MODELS:
         for precision in precisions:
-            entries.append(Entry(f"sam_{name}", "peer", precision, lambda n=name: random_model(n).image_encoder))
+            entries.append(Entry(f"sam_{name}", "peer", precision, lambda n=name: ModelSpec.random(n).load().image_encoder))
     if importlib.util.find_spec("mobile_sam") is not None:
         def mobile_sam() -> nn.Module:
             from mobile_sam import sam_model_registry
@@ -196,7 +196,7 @@ def measure_prompt_to_mask(name: str, device: torch.device, repeats: int) -> tup
 
     from samlight.predictor import Predictor
 
-    predictor = Predictor(random_model(name), device=device)
+    predictor = Predictor(ModelSpec.random(name).load(), device=device)
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     embedding = predictor.embed(image)
     box = np.array([[100.0, 80.0, 400.0, 360.0]])
@@ -264,7 +264,7 @@ def entries_for(args: argparse.Namespace, device: torch.device) -> list[Entry]:
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" or cpu_bf16 else ["fp32"])
     modes = args.mode or ["eager"]
     entries = [
-        Entry(name, "samlight", p, lambda n=name: random_model(n).image_encoder, mode)
+        Entry(name, "samlight", p, lambda n=name: ModelSpec.random(n).load().image_encoder, mode)
         for name in args.models or SAMLIGHT_MODELS for p in precisions for mode in modes
     ]
     if "int8" in precisions and device.type != "cpu":

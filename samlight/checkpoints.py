@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from samlight.modeling import TEACHER_CONFIGS, StudentConfig, build_student, build_teacher, seeded, teacher_config
+from samlight.modeling import TEACHER_CONFIGS, StudentConfig, build_student, build_teacher, teacher_config
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -91,43 +91,6 @@ def load_sam_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Sam
         raise CheckpointError(f"{path}: does not match SAM {kind}: tensor shapes differ: {mismatched[:3]}")
     sam.load_state_dict(state)
     return sam.eval()
-
-
-def random_teacher(kind: str, seed: int = 0) -> Sam:
-    """A seeded random-weight SAM (tests, demos, benchmarks)."""
-    return seeded(seed, build_teacher, teacher_config(kind))
-
-
-@dataclass
-class TeacherSpec:
-    """``vit_h:/path/sam_vit_h.pth``, ``/path/sam.pth`` (kind inferred) or ``random:vit_b[:seed]``."""
-
-    kind: str | None
-    path: Path | None = None
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "TeacherSpec":
-        head, _, rest = text.partition(":")
-        if head == "random":
-            kind, _, seed = rest.partition(":")
-            teacher_config(kind)  # validates the name
-            return cls(kind, None, int(seed or 0))
-        if rest and head in TEACHER_CONFIGS:
-            return cls(head, Path(rest))
-        return cls(None, Path(text))
-
-    @property
-    def identity(self) -> str:
-        """A stable name for the teacher (feature caches and metadata are keyed by it)."""
-        if self.path is None:
-            return f"random:{self.kind}:{self.seed}"
-        return f"{self.kind or 'sam'}:sha256={sha256_file(self.path)[:16]}"
-
-    def load(self) -> Sam:
-        if self.path is None:
-            return random_teacher(self.kind, self.seed)
-        return load_sam_checkpoint(self.path, self.kind)
 
 
 # --- students -------------------------------------------------------------------------------------
@@ -200,14 +163,3 @@ def load_student(directory: str | os.PathLike, map_location: str = "cpu") -> Stu
     except Exception as error:
         raise CheckpointError(f"{weights}: does not match config {config.name}: {error}") from None
     return StudentCheckpoint(model.eval(), config, digest, manifest.get("metadata", {}), directory)
-
-
-def load_any(path: str | os.PathLike) -> tuple[Sam, str]:
-    """A student directory or an official SAM file; returns the model and a version string."""
-    path = Path(path)
-    if path.is_dir():
-        checkpoint = load_student(path)
-        return checkpoint.model, f"{checkpoint.config.name}-{checkpoint.sha256[:12]}"
-    spec = TeacherSpec.parse(str(path))
-    model = spec.load()
-    return model, spec.identity.replace(":sha256=", "-")

@@ -3,7 +3,6 @@ test-only geometry model. One description for the embedded backend and the infer
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,26 +36,23 @@ class ModelSource:
             from samlight.modeling.configs import STUDENT_CONFIGS, TEACHER_CONFIGS  # plain dataclasses, no torch
 
             if self.random not in STUDENT_CONFIGS and self.random not in TEACHER_CONFIGS:
-                raise ValueError(f"unknown random config {self.random!r}; "
+                raise ValueError(f"unknown model config {self.random!r}; "
                                  f"choose from {sorted([*STUDENT_CONFIGS, *TEACHER_CONFIGS])}")
 
-    def load(self):
-        """``(model, version)`` of a checkpoint or random config (torch is imported here)."""
-        from samlight.models import load_model
+    def spec(self):
+        from samlight.models import ModelSpec  # imports torch
 
-        return load_model(checkpoint=self.checkpoint, random=self.random, seed=self.seed)
+        return ModelSpec.either(self.checkpoint, self.random, self.seed)
+
+    def load(self):
+        """``(model, version)`` of a checkpoint or random config."""
+        spec = self.spec()
+        return spec.load(), spec.version
 
     def version(self) -> str:
-        """The version string ``samlight.models.load_model`` reports, computed without loading weights."""
+        """The version ``load`` reports, computed without loading weights."""
         if self.test_model is not None:
             return f"test-{self.test_model}"
-        if self.random is not None:
+        if self.random is not None:  # ModelSpec's rule, without importing torch
             return f"random-{self.random}-{self.seed}"
-        path = Path(self.checkpoint)
-        manifest = path / "config.json"
-        if manifest.is_file():  # a student directory: its name and weights hash are in config.json
-            data = json.loads(manifest.read_text())
-            return f"{data['config']['name']}-{str(data['sha256'])[:12]}"
-        from samlight.checkpoints import TeacherSpec  # hashes the file once; no weights are built
-
-        return TeacherSpec.parse(str(path)).identity.replace(":sha256=", "-")
+        return self.spec().version

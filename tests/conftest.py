@@ -50,9 +50,9 @@ def test_student():
 @pytest.fixture(scope="session")
 def test_teacher():
     """Seeded random reduced SAM teacher (256 px input)."""
-    from samlight.checkpoints import random_teacher
+    from samlight.models import ModelSpec
 
-    return random_teacher("vit_test", seed=0)
+    return ModelSpec.random("vit_test").load()
 
 
 class RedisServer:

@@ -552,7 +552,7 @@ def test_serve_rejects_a_missing_checkpoint_clearly(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = subprocess.run([sys.executable, "-m", "backend.serve", "--random", "vit_huge"], capture_output=True, text=True)
-    assert out.returncode == 2 and "unknown random config" in out.stderr
+    assert out.returncode == 2 and "unknown model config" in out.stderr
 
 
 @pytest.mark.slow

@@ -9,20 +9,18 @@ import torch
 
 from samlight.checkpoints import (
     CheckpointError,
-    TeacherSpec,
-    load_any,
     load_sam_checkpoint,
     load_student,
-    random_teacher,
     save_student,
 )
 from samlight.modeling import student_config
+from samlight.models import ModelSpec
 
 
 @pytest.fixture(scope="module")
 def official_vit_b(tmp_path_factory):
     """A seeded random SAM ViT-B saved the way the official files are: torch.save(state_dict)."""
-    model = random_teacher("vit_b", seed=3)
+    model = ModelSpec.random("vit_b", seed=3).load()
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
     with open(path, "wb") as f:
         torch.save(model.state_dict(), f)
@@ -34,7 +32,8 @@ def test_official_checkpoint_loads_back(official_vit_b):
     loaded = load_sam_checkpoint(path)  # kind inferred from the patch embedding width
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    assert TeacherSpec.parse(f"vit_b:{path}").load().image_encoder.img_size == 1024
+    assert ModelSpec.parse(f"vit_b:{path}").load().image_encoder.img_size == 1024
+    assert ModelSpec.parse(str(path)).version.startswith("sam-")
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):
@@ -67,13 +66,16 @@ def test_mismatched_checkpoint_is_rejected(official_vit_b, tmp_path):
         load_sam_checkpoint(tmp_path / "junk.pth")
 
 
-def test_teacher_spec_parsing():
-    assert TeacherSpec.parse("random:vit_b").identity == "random:vit_b:0"
-    assert TeacherSpec.parse("random:vit_test:7").seed == 7
-    assert TeacherSpec.parse("vit_h:/x/sam.pth").kind == "vit_h"
-    assert TeacherSpec.parse("/x/sam.pth").kind is None
-    with pytest.raises(ValueError, match="unknown SAM teacher"):
-        TeacherSpec.parse("random:vit_q")
+def test_model_spec_parsing():
+    assert ModelSpec.parse("random:vit_b").identity == "random:vit_b:0"
+    assert ModelSpec.parse("random:vit_test:7").seed == 7
+    assert ModelSpec.parse("random:lightening_t:2").version == "random-lightening_t-2"
+    assert ModelSpec.parse("vit_h:/x/sam.pth").config == "vit_h"
+    assert ModelSpec.parse("/x/sam.pth").config is None
+    with pytest.raises(ValueError, match="unknown model config 'vit_q'"):
+        ModelSpec.parse("random:vit_q")
+    with pytest.raises(ValueError, match="one of them"):
+        ModelSpec.either("/x/sam.pth", "vit_b")
 
 
 def test_student_round_trip_verifies_hash(test_student, tmp_path):
@@ -85,8 +87,10 @@ def test_student_round_trip_verifies_hash(test_student, tmp_path):
     assert loaded.config == config and loaded.metadata["teacher"] == "random:vit_test:0"
     for a, b in zip(test_student.state_dict().values(), loaded.model.state_dict().values()):
         assert torch.equal(a, b)
-    model, version = load_any(tmp_path / "student")
-    assert version == f"lightening_test-{digest[:12]}"
+    spec = ModelSpec.parse(str(tmp_path / "student"))
+    assert spec.is_student and spec.version == f"lightening_test-{digest[:12]}"
+    for a, b in zip(test_student.state_dict().values(), spec.load().state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_student_save_is_atomic_and_replaces(test_student, tmp_path):

@@ -44,7 +44,7 @@ def test_predict_errors_name_the_problem(coco_val_images, tmp_path):
         (["--random", "lightening_test", "--image", str(tmp_path / "missing.jpg"), "--box", "1,1,5,5",
           "--out", "m.png"], "missing.jpg: cannot be read"),
         (["--random", "nonexistent", "--image", image, "--box", "1,1,5,5", "--out", "m.png"],
-         "unknown student config"),
+         "unknown model config 'nonexistent'"),
     ]
     for args, message in cases:
         result = samlight("predict", *args, check=False)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from samlight.checkpoints import load_student, random_teacher
+from samlight.checkpoints import load_student
+from samlight.models import ModelSpec
 from samlight.distill import FineTuneConfig, TrainingSample, coco_dataset, fine_tune
 from samlight.eval import evaluate_samples, fidelity
 from samlight.modeling import build_student, seeded, student_config
@@ -43,7 +44,7 @@ def val_samples(coco_tiny):
 
 @pytest.fixture(scope="module")
 def teacher():
-    return random_teacher("vit_test", 0)
+    return ModelSpec.random("vit_test").load()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -103,10 +103,10 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
         raise ValueError("set SAMLIGHT_TEACHER (e.g. vit_h:/weights/sam_vit_h.pth) for DLD fine-tuning")
 
     from serving.images import ImageFetcher
-    from samlight.checkpoints import TeacherSpec
+    from samlight.models import ModelSpec
     from samlight.distill import FineTuneConfig, fine_tune
 
-    teacher_spec = TeacherSpec.parse(training.teacher)
+    teacher_spec = ModelSpec.parse(training.teacher)
     active = registry.active()
     start_from = str(registry.path(active)) if active else training.student_config
     train_corr, held_corr = split(corrections, worker_settings.holdout_fraction)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from samlight.image_io import load_image
-from samlight.models import load_model
+from samlight.models import ModelSpec
 from samlight.overlay import overlay
 from samlight.predictor import Predictor
 
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.point and args.box is None:
         raise ValueError("give at least one --point or a --box")
     image = load_image(args.image)
-    model, version = load_model(args.checkpoint, args.random, args.seed)
+    spec = ModelSpec.either(args.checkpoint, args.random, args.seed)
+    model, version = spec.load(), spec.version
     predictor = Predictor(model, device=args.device)
     points = np.array([p[:2] for p in args.point]) if args.point else None
     labels = np.array([p[2] for p in args.point]) if args.point else None

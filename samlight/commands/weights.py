@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from samlight.checkpoints import TeacherSpec, load_student, read_student_manifest, save_student, sha256_file
+from samlight.checkpoints import load_student, read_student_manifest, save_student, sha256_file
+from samlight.models import ModelSpec
 from samlight.modeling import STUDENT_CONFIGS, build_student, seeded, student_config
 
 
@@ -34,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
             checkpoint = load_student(args.path)
             print(f"{args.path}: ok, {checkpoint.config.name}, sha256 {checkpoint.sha256}")
         else:
-            spec = TeacherSpec.parse(args.path)
+            spec = ModelSpec.parse(args.path)
             model = spec.load()
-            print(f"{args.path}: ok, SAM {spec.kind or 'inferred'} with "
+            print(f"{args.path}: ok, SAM {spec.config or 'inferred'} with "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
                   f"sha256 {sha256_file(spec.path)}")
         return 0
-    spec = TeacherSpec.parse(args.teacher)
+    spec = ModelSpec.parse(args.teacher)
     config = student_config(args.config)
     teacher = spec.load()
     student = seeded(args.seed, build_student, config, teacher)

@@ -8,7 +8,7 @@ import logging
 import torch
 from segment_anything.modeling import Sam
 
-from samlight.checkpoints import TeacherSpec
+from samlight.models import ModelSpec
 from samlight.distill.feature_cache import TeacherFeatureCache
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class TeacherFeatures:
     """Teacher features per image: read from the cache, else one teacher encoder call for all misses
     (a run whose images are all cached never runs the teacher's encoder)."""
 
-    def __init__(self, spec: TeacherSpec, device: torch.device, cache: TeacherFeatureCache | None,
+    def __init__(self, spec: ModelSpec, device: torch.device, cache: TeacherFeatureCache | None,
                  autocast: bool, teacher: Sam | None = None, identity: str | None = None) -> None:
         self.spec = spec
         # a checkpoint's identity hashes the whole file: computed once by the caller when it can

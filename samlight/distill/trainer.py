@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from samlight.checkpoints import TeacherSpec, load_student, save_student
+from samlight.checkpoints import load_student, save_student
+from samlight.models import ModelSpec
 from samlight.distill import distributed
 from samlight.distill.config import FineTuneConfig
 from samlight.distill.data import TrainingSample, masks_to_low_res, normalize, prepare_image
@@ -214,14 +215,14 @@ def rank_positions(start_step: int, total_steps: int, config: FineTuneConfig, en
 
 
 class Run:
-    def __init__(self, student, teacher_spec: str | TeacherSpec, samples: list[TrainingSample],
+    def __init__(self, student, teacher_spec: str | ModelSpec, samples: list[TrainingSample],
                  config: FineTuneConfig, teacher: Sam | None = None) -> None:
         config.validate()
         if not samples:
             raise ValueError("no training samples")
         self.config = config
         self.samples = samples if config.max_images is None else samples[: config.max_images]
-        self.spec = teacher_spec if isinstance(teacher_spec, TeacherSpec) else TeacherSpec.parse(teacher_spec)
+        self.spec = teacher_spec if isinstance(teacher_spec, ModelSpec) else ModelSpec.parse(teacher_spec)
         self.identity = self.spec.identity
         self.env = distributed.setup(config.device)
         self.device = self.env.device
@@ -572,7 +573,7 @@ def _to_device(prompts: dict, device: torch.device) -> dict:
     return out
 
 
-def fine_tune(student: str | os.PathLike | StudentConfig, teacher_spec: str | TeacherSpec,
+def fine_tune(student: str | os.PathLike | StudentConfig, teacher_spec: str | ModelSpec,
               samples: list[TrainingSample], config: FineTuneConfig, teacher: Sam | None = None) -> Path:
     """Distil (encoder stage) and align (decoder stage) a student; returns the student checkpoint directory.
 

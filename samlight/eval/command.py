@@ -34,12 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from samlight.checkpoints import TeacherSpec, load_any
     from samlight.distill.data import coco_dataset, image_folder, parse_coco_spec
     from samlight.eval.fidelity import fidelity
     from samlight.eval.protocol import evaluate_samples, summarise
     from samlight.eval.report import example_grid, table, write_json
-    from samlight.models import load_model
+    from samlight.models import ModelSpec
     from samlight.predictor import Predictor
 
     if args.clicks < 1:
@@ -58,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
         model, version = args.baseline, f"baseline:{args.baseline}"
         if args.teacher:
             raise ValueError("--teacher fidelity needs a model, not a --baseline")
-    elif args.checkpoint:
-        model, version = load_any(args.checkpoint)
     else:
-        model, version = load_model(None, args.random, args.seed)
+        spec = ModelSpec.either(args.checkpoint, args.random, args.seed)
+        model, version = spec.load(), spec.version
     predictor = reference = None
     if args.precision:
         if args.baseline:
@@ -78,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
         result.update({"images": len(samples), "prompt": args.prompt, "seconds": 0.0, "examples": []})
     result["model"] = version
     if args.teacher:
-        spec = TeacherSpec.parse(args.teacher)
-        teacher = spec.load()
+        teacher_spec = ModelSpec.parse(args.teacher)
+        teacher = teacher_spec.load()
         fid = fidelity(model, teacher, samples, args.device, progress=progress, student_predictor=predictor)
-        fid["teacher"] = spec.identity
+        fid["teacher"] = teacher_spec.identity
         result["fidelity"] = fid
     if reference is not None:
         result["precision"] = args.precision
