@@ -8,5 +8,6 @@ It imports ``serving`` (the product core) and never ``workers``.
 - ``prompts``   Label Studio context results (percent) -> pixel prompts, with limits
 - ``options``   per-project options from Label Studio's "extra params"
 - ``failures``  recent failed requests, for /health
-- ``settings``  ``BackendSettings.from_env()``; ``gunicorn_conf`` and ``serve`` start the server
+- ``settings``  ``BackendSettings.from_env()``: the HTTP server's own options around ``serving.config.Settings``;
+                ``gunicorn_conf`` and ``serve`` start the server
 """

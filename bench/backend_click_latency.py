@@ -11,17 +11,13 @@ uncached (a new image per click: fetch + encoder + decoder) and cached (the same
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -29,17 +25,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from backend.labels import SMART_CONFIG  # noqa: E402
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testbed import FileServer, free_port  # noqa: E402
 
 
 def click_body(url: str, width: int, height: int, x: float, y: float) -> dict:
@@ -70,10 +56,7 @@ def main() -> int:
     from PIL import Image
 
     images = sorted((Path(args.coco) / "val2017").glob("*.jpg"))[: args.images + 1]
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(QuietHandler, directory=str(images[0].parent)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
+    server = FileServer(images[0].parent)
 
     process = None
     url = args.url
@@ -102,7 +85,7 @@ def main() -> int:
         def click(path: Path, x: float, y: float) -> float:
             width, height = Image.open(path).size
             start = time.perf_counter()
-            response = session.post(f"{url}/predict", json=click_body(f"{base}/{path.name}", width, height, x, y),
+            response = session.post(f"{url}/predict", json=click_body(server.file_url(path.name), width, height, x, y),
                                     timeout=300)
             elapsed = (time.perf_counter() - start) * 1000
             response.raise_for_status()
@@ -120,7 +103,7 @@ def main() -> int:
         if process is not None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
-        server.shutdown()
+        server.close()
     return 0
 
 

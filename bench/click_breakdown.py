@@ -16,27 +16,18 @@ The load test adds the socket and gunicorn on top of 3. Prints a table and write
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testbed import FileServer, RedisServer  # noqa: E402
 
 
 def wait_for(check, timeout: float, what: str) -> None:
@@ -76,22 +67,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="samlight-breakdown-"))
-    port = free_port()
     # the image server runs on loopback, which the fetcher refuses unless allowed
     env = dict(os.environ, LOG_LEVEL="WARNING", MODEL_DIR=str(scratch / "models"), SAMLIGHT_FETCH_ALLOW="127.0.0.1")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(Path(args.redis_server).resolve().parent),
                                                            env.get("LD_LIBRARY_PATH")]))
-    processes = [subprocess.Popen([args.redis_server, "--port", str(port), "--save", "", "--dir", str(scratch)],
-                                  env=env, stdout=subprocess.DEVNULL)]
-    redis_url = f"redis://127.0.0.1:{port}/0"
-    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(args.images)))
-    images.RequestHandlerClass.log_message = lambda *a: None
-    threading.Thread(target=images.serve_forever, daemon=True).start()
+    redis = RedisServer(scratch, binary=args.redis_server, appendfsync=None).start(env)
+    redis_url = redis.url
+    images = FileServer(args.images)
+    processes = []
     try:
-        import redis
-
-        wait_for(lambda: redis.Redis.from_url(redis_url).ping(), 15, "redis-server")
         model = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random", args.random]
         processes.append(subprocess.Popen([sys.executable, "-m", "workers.inference", "--gpu", args.gpu, *model,
                                            "--redis-url", redis_url, "--name", "w0"], env=env, cwd=REPO))
@@ -107,7 +91,7 @@ def main(argv=None) -> int:
         segmenter = RQSegmenter(settings.rq, ImageFetcher.from_settings(settings.fetch))
         wait_for(lambda: segmenter.alive_workers(), 180, "the inference worker")
         name = sorted(p.name for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
-        url = f"http://127.0.0.1:{images.server_port}/{name}"
+        url = images.file_url(name)
         key = segmenter.fetcher.image_key(url)
 
         def job(i: int) -> SegmentJob:
@@ -130,10 +114,11 @@ def main(argv=None) -> int:
             flask_ms.append((time.perf_counter() - started) * 1000)
             rle_bytes.append(len(body["results"][0]["result"][0]["value"]["rle"]))
     finally:
-        images.shutdown()
+        images.close()
         for process in reversed(processes):
             process.terminate()
             process.wait(timeout=30)
+        redis.stop()
 
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(args),
               "p50_ms": {"worker_mask": p50(mask_ms), "rq_round_trip": p50(rq_ms),

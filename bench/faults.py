@@ -35,7 +35,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from loadtest import TOKEN, FileServer, Stack, free_port, wait_port  # noqa: E402
+from loadtest import TOKEN, Stack  # noqa: E402
+from testbed import FileServer, RedisServer, free_port, wait_port  # noqa: E402
 from backend.labels import SMART_CONFIG  # noqa: E402
 
 IMAGES = REPO.parent / "shared" / "data" / "coco_tiny" / "val2017"
@@ -100,11 +101,11 @@ class Deployment:
     def __init__(self, mode: str, images: Path, thief: Thief, directory: Path) -> None:
         self.mode = mode
         self.stack = Stack(directory)
-        self.stack.files = FileServer(images)
+        self.stack.files = FileServer(images, token=TOKEN)
         self.names = sorted(p.name for p in images.glob("*.jpg"))[:20]
         self.sizes = {}
-        self.redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0" if mode == "rq" else None
+        self.redis = RedisServer(directory)
+        self.redis_url = self.redis.url if mode == "rq" else None
         self.model_dir = directory / "models"
         self.env = dict(os.environ, MODEL_DIR=str(self.model_dir), LABEL_STUDIO_URL=self.stack.files.url,
                         LABEL_STUDIO_API_KEY=TOKEN, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
@@ -120,11 +121,8 @@ class Deployment:
     # --- processes --------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        self.redis_process = self.stack.start("redis", [
-            "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir",
-            str(self.stack.directory), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-            "--protected-mode", "no"], dict(os.environ))
-        wait_port(self.redis_port, 15, "redis-server", self.redis_process)
+        self.redis_process = self.stack.start("redis", self.redis.command(), dict(os.environ))
+        wait_port(self.redis.port, 15, "redis-server", self.redis_process)
 
     def stop_redis(self, sig=signal.SIGTERM) -> None:
         self.redis_process.send_signal(sig)

@@ -23,14 +23,12 @@ Two modes:
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,64 +44,9 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from backend.labels import SMART_CONFIG  # noqa: E402  (the labeling config the README recommends)
+from testbed import FileServer, RedisServer, free_port, wait_port  # noqa: E402
 
 TOKEN = "loadtest-legacy-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s")
-
-
-class FileServer:
-    """Label Studio's /data/upload/ file serving, with its token check (enough for the backend's fetcher)."""
-
-    def __init__(self, folder: Path) -> None:
-        folder = Path(folder)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    self.send_error(401)
-                    return
-                file = folder / self.path.rsplit("/", 1)[-1].split("?")[0]
-                if not self.path.startswith("/data/upload/") or not file.is_file():
-                    self.send_error(404)
-                    return
-                data = file.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
@@ -142,13 +85,10 @@ def spawn(args, images: Path) -> Stack:
     redis_bin = args.redis_server or shutil.which("redis-server")
     if not redis_bin:
         raise SystemExit("no redis-server: pass --redis-server PATH")
-    port = free_port()
-    stack.start("redis", [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(stack.directory),
-                          "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"],
-                dict(os.environ))
-    wait_port(port, 15, "redis-server", stack.processes[-1][1])
-    stack.redis_url = f"redis://127.0.0.1:{port}/0"
-    stack.files = FileServer(images)
+    redis = RedisServer(stack.directory, binary=redis_bin, appendfsync="everysec")
+    wait_port(redis.port, 15, "redis-server", stack.start("redis", redis.command(), dict(os.environ)))
+    stack.redis_url = redis.url
+    stack.files = FileServer(images, token=TOKEN)
     env = dict(os.environ, REDIS_URL=stack.redis_url, MODEL_DIR=str(stack.directory / "models"),
                LABEL_STUDIO_URL=stack.files.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONUNBUFFERED="1",
                SAMLIGHT_MAX_BATCH=str(args.max_batch), LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))

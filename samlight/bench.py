@@ -8,12 +8,10 @@ wall-clock medians over fewer repetitions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib.util
 import json
 import logging
-import os
 import platform
 import statistics
 import time

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 

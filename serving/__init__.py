@@ -4,20 +4,21 @@ No Flask and no worker loop here; ``backend`` and ``workers`` import this packag
 this package imports neither. Torch is imported only where a model runs (``engine``, the embedded path of
 ``segmenter``), so the backend's request path stays torch-free when inference runs on workers.
 
-- ``config``            the RQ side's settings (``WorkerSettings``), Redis ``Keys`` and ``connect``
-- ``env``               how an on/off environment variable is read
+- ``config``            ``Settings.from_env()``: every setting, read once (branches: embedded, rq, fetch,
+                        training), Redis ``Keys`` and ``connect``
 - ``errors``            ``StatusError``: a message and the HTTP status it maps to
 - ``images``            ``ImageFetcher``: task image URLs -> RGB arrays (token rules, limits, one deadline)
 - ``outbound``          which addresses image fetches may connect to
 - ``jobs``              ``SegmentJob`` (JSON) and its execution against a predictor
-- ``labelstudio``       Label Studio's brush RLE, both ways, and the JSON that carries it
+- ``labelstudio``       Label Studio's brush RLE, both ways; ``brush_regions`` of an annotation
 - ``segmenter``         the ``Segmenter`` protocol and the embedded (in-process) implementation
 - ``remote``            ``RQSegmenter``: the same protocol over Redis and the inference workers
 - ``engine``            ``InferenceRuntime``: an inference worker's model, hot reload and batched execution
 - ``registry``          model versions under ``MODEL_DIR/versions``, the active one in Redis
-- ``corrections``       webhook events: checks, the embedded log, brush masks out of annotations
+- ``corrections``       webhook events: checks, the embedded log, ``create_correction_sink``
 - ``correction_stream`` the Redis stream of corrections and its fsynced local fallback log
 - ``schedule``          enqueueing the (single) DLD training job
 - ``source``            ``ModelSource``: the checkpoint, random config or test model a process serves
+                        (resolved by ``samlight.models.ModelSpec``)
 - ``testing``           a test-only deterministic "geometry" model
 """

@@ -2,8 +2,9 @@
 
 ``CorrectionSink.record(event)`` stores one webhook payload durably before the backend acknowledges it.
 ``FileCorrectionSink`` appends one JSON line per event to ``MODEL_DIR/corrections/events.jsonl`` and fsyncs
-it (safe across gunicorn workers: one ``O_APPEND`` write under an exclusive ``flock``). Workers add a Redis
-stream sink that falls back to this file when Redis is down.
+it (safe across gunicorn workers: one ``O_APPEND`` write under an exclusive ``flock``). It is the embedded
+mode's one corrections log: nothing reads it yet, and the learning loop will train from it (in RQ mode the
+corrections live in Redis, ``serving.correction_stream``, whose local fallback uses the same writer).
 """
 
 from __future__ import annotations

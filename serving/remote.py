@@ -24,6 +24,7 @@ import math
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from rq import Queue
 from rq.job import Job
@@ -31,6 +32,9 @@ from rq.serializers import JSONSerializer
 
 from serving.registry import ModelRegistry
 from serving.config import WorkerSettings, connect
+
+if TYPE_CHECKING:  # the fetcher module imports PIL and requests; the backend imports it anyway
+    from serving.images import ImageFetcher
 
 log = logging.getLogger(__name__)
 

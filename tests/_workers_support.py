@@ -1,60 +1,15 @@
-"""Helpers for the RQ worker tests: a module-scoped redis-server, an image server, worker processes."""
+"""Helpers for the RQ worker tests: worker processes (the servers are in testbed)."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ImageServer:
-    """Serves a folder over HTTP on 127.0.0.1; ``/slow/<name>`` answers after ``slow_s`` seconds."""
-
-    def __init__(self, folder: Path, slow_s: float = 4.0) -> None:
-        folder = Path(folder)
-        slow = slow_s
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                name = self.path.rsplit("/", 1)[-1].split("?")[0]
-                if self.path.startswith("/slow/"):
-                    time.sleep(slow)
-                file = folder / name
-                if not file.is_file():
-                    self.send_error(404)
-                    return
-                data = file.read_bytes()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str, slow: bool = False) -> str:
-        return f"{self.base}/{'slow/' if slow else 'img/'}{name}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def worker_env(model_dir: Path, **extra) -> dict:

@@ -576,8 +576,6 @@ def test_cpu_fast_setting_builds_a_compiled_bf16_encoder():
 @pytest.mark.slow
 def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_model():
     """SAMLIGHT_CPU_INT8=1: int8 linears in a compiled copy of the encoder; the model keeps its float weights."""
-    import torch
-
     from serving.images import ImageFetcher
     from serving.segmenter import InProcessSegmenter
     from samlight.encoder_wrappers import CompiledEncoder

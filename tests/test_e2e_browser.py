@@ -21,7 +21,8 @@ from PIL import Image
 from serving.corrections import FileCorrectionSink
 from backend.labels import SMART_CONFIG
 from serving.labelstudio import brush_regions, rle_to_mask
-from conftest import REPO, free_port
+from conftest import REPO
+from testbed import free_port
 from e2e.browser import LabelingUI, chromium
 from e2e.labelstudio import Backend, LabelStudio, install_label_studio
 

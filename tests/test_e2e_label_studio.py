@@ -24,7 +24,7 @@ from serving.corrections import FileCorrectionSink
 from backend.labels import SMART_CONFIG
 from serving.labelstudio import brush_regions, rle_to_mask
 from serving.testing import point_radius
-from conftest import free_port
+from testbed import free_port
 from e2e.labelstudio import LEGACY_TOKEN, Backend, LabelStudio, install_label_studio
 from e2e.servers import ImageHost
 

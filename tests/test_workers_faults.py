@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
+from _workers_support import start_inference_worker, stop, wait_for_workers
 from backend.app import create_app
 from serving.config import Settings, WorkerSettings
 from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
 from backend.settings import BackendSettings
-from conftest import RedisServer, free_port
+from testbed import FileServer, RedisServer
 from serving.remote import RQSegmenter
 from serving.config import connect
 
@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.fixture
 def stack(tmp_path, coco_tiny):
-    redis = RedisServer(free_port(), tmp_path)
+    redis = RedisServer(tmp_path)
     redis.start()
-    images = ImageServer(coco_tiny / "val2017")
+    images = FileServer(coco_tiny / "val2017")
     names = sorted(p.name for p in (coco_tiny / "val2017").glob("*.jpg"))
     model_dir = tmp_path / "models"
     segmenter = RQSegmenter(WorkerSettings(redis.url, model_dir, deadline_ms=5000), ImageFetcher())
@@ -45,7 +45,7 @@ def stack(tmp_path, coco_tiny):
 
 
 def click(stack, index: int) -> dict:
-    url = stack["images"].url(stack["names"][index])
+    url = stack["images"].file_url(stack["names"][index])
     job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), points=[[100.0, 80.0]],
                      point_labels=[1])
     [result] = stack["segmenter"].segment([job])
@@ -123,13 +123,13 @@ def test_health_is_down_without_workers_and_counts_every_queue(stack):
 
 
 def test_a_slow_image_holds_up_only_its_own_clicks(stack):
-    url = stack["images"].url(stack["names"][5], slow=True)  # the server answers after 4 s
+    url = stack["images"].file_url(stack["names"][5], slow=True)  # the server answers after 4 s
     slow_job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), points=[[100.0, 80.0]],
                           point_labels=[1])
     started = time.monotonic()
     [slow, fast] = stack["segmenter"].segment([slow_job, SegmentJob(
-        image_url=stack["images"].url(stack["names"][6]), image_key=ImageFetcher().image_key(
-            stack["images"].url(stack["names"][6])), points=[[100.0, 80.0]], point_labels=[1])])
+        image_url=stack["images"].file_url(stack["names"][6]), image_key=ImageFetcher().image_key(
+            stack["images"].file_url(stack["names"][6])), points=[[100.0, 80.0]], point_labels=[1])])
     assert "error" not in fast, fast
     assert slow["status"] == 504 and "still downloading" in slow["error"]
     assert time.monotonic() - started < 4.0  # neither waited for the slow server

@@ -15,12 +15,12 @@ import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from _workers_support import ImageServer, start_inference_worker, stop, wait_for_workers
+from _workers_support import start_inference_worker, stop, wait_for_workers
 from serving.config import WorkerSettings
 from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
 from serving.labelstudio import rle_from_base64, rle_to_mask
-from conftest import RedisServer, free_port
+from testbed import FileServer, RedisServer
 from e2e.servers import ImageHost, make_jwt
 from serving.remote import RQSegmenter
 from serving.registry import ModelRegistry, RegistryError
@@ -33,9 +33,9 @@ WORKERS = ["w1", "w2"]
 def fleet(tmp_path_factory, coco_tiny):
     """redis-server + image server + two inference workers, shared by this module's tests."""
     tmp = tmp_path_factory.mktemp("fleet")
-    redis = RedisServer(free_port(), tmp)
+    redis = RedisServer(tmp)
     redis.start()
-    images = ImageServer(coco_tiny / "val2017", slow_s=8.0)
+    images = FileServer(coco_tiny / "val2017", slow_s=8.0)
     # a stand-in for Label Studio's file serving, with a personal access token (JWT refresh exchange)
     label_studio = ImageHost(coco_tiny / "val2017", personal_token=make_jwt({"token_type": "refresh"})).__enter__()
     model_dir = tmp / "models"
@@ -59,7 +59,7 @@ def fleet(tmp_path_factory, coco_tiny):
 
 
 def click(fleet, index: int, point=(120.0, 90.0), slow: bool = False) -> SegmentJob:
-    url = fleet["images"].url(fleet["names"][index], slow=slow)
+    url = fleet["images"].file_url(fleet["names"][index], slow=slow)
     return SegmentJob(image_url=url, image_key=fleet["fetcher"].image_key(url), points=[list(point)],
                       point_labels=[1])
 

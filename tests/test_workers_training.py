@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from _workers_support import REPO, ImageServer, start_inference_worker, stop, wait_for_workers, worker_env
+from _workers_support import REPO, start_inference_worker, stop, wait_for_workers, worker_env
+from testbed import FileServer
 from serving.images import ImageFetcher
 from serving.jobs import SegmentJob
 from samlight.brush_rle import mask_to_rle
@@ -26,7 +27,7 @@ from serving.correction_stream import Correction
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def coco_corrections(coco_tiny, images: ImageServer, count: int) -> list[dict]:
+def coco_corrections(coco_tiny, images: FileServer, count: int) -> list[dict]:
     """Webhook events whose annotations are COCO ground-truth masks as Label Studio brush RLE."""
     data = json.loads((coco_tiny / "annotations" / "instances_train2017.json").read_text())
     by_image: dict[int, list] = {}
@@ -49,7 +50,7 @@ def coco_corrections(coco_tiny, images: ImageServer, count: int) -> list[dict]:
                            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["object"]}})
         n = len(events) + 1
         events.append({"action": "ANNOTATION_CREATED", "project": {"id": 1},
-                       "task": {"id": n, "data": {"image": images.url(info["file_name"])}},
+                       "task": {"id": n, "data": {"image": images.file_url(info["file_name"])}},
                        "annotation": {"id": 1000 + n, "task": n, "updated_at": f"2026-11-24T12:00:{n:02d}Z",
                                       "result": result}})
         if len(events) == count:
@@ -75,7 +76,7 @@ def test_brush_masks_round_trip_and_split():
 
 
 def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_tiny):
-    images = ImageServer(coco_tiny / "train2017")
+    images = FileServer(coco_tiny / "train2017")
     model_dir = tmp_path / "models"
     fetcher = ImageFetcher()
     segmenter = RQSegmenter(WorkerSettings(redis_server.url, model_dir, deadline_ms=20000), fetcher)
@@ -90,7 +91,7 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
         queued = sink.record({"action": "START_TRAINING", "project": {"id": 1}})
         assert queued["job_id"] == "samlight-dld"
         wait_for_workers(segmenter, ["w1"])
-        url = images.url(sorted(p.name for p in (coco_tiny / "train2017").glob("*.jpg"))[0])
+        url = images.file_url(sorted(p.name for p in (coco_tiny / "train2017").glob("*.jpg"))[0])
         job = SegmentJob(image_url=url, image_key=fetcher.image_key(url), box=[50, 50, 300, 300])
         [before] = segmenter.segment([job])
         assert before["model_version"] == "random-lightening_test-0"

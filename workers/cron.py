@@ -13,8 +13,6 @@ import argparse
 import logging
 import os
 import socket
-import threading
-import time
 from datetime import datetime, timezone
 
 from rq.cron import CronJob, CronScheduler

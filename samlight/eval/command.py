@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ the input dtype before it is normalised, as the eager ops do).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
