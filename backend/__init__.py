@@ -4,9 +4,8 @@ It imports ``serving`` (the product core) and never ``workers``.
 
 - ``app``       ``create_app()``: /health, /setup, /predict, /webhook, /train, /versions, basic auth
 - ``adapter``   ``LabelStudioAdapter``: the Label Studio protocol, ``predict(tasks, context)`` / ``fit(event)``
-- ``labels``    the labeling config (label_studio_sdk): BrushLabels + KeyPointLabels/RectangleLabels
-- ``prompts``   Label Studio context results (percent) -> pixel prompts, with limits
-- ``options``   per-project options from Label Studio's "extra params"
+- ``labels``    the labeling config (label_studio_sdk): smart prompts and the targets (brush, polygon, box)
+- ``prompts``   Label Studio context results (percent) -> the objects of a click, in pixels, with limits
 - ``failures``  recent failed requests, for /health
 - ``settings``  ``BackendSettings.from_env()``: the HTTP server's own options around ``serving.config.Settings``;
                 ``gunicorn_conf`` and ``serve`` start the server

@@ -8,17 +8,17 @@ around the process's shared services (segmenter, image fetcher, correction sink)
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
-from serving.corrections import CorrectionSink, webhook_events
-from serving.images import FetchError, ImageFetcher
-from serving.jobs import SegmentJob
 from backend.labels import ConfigError, LabelingSchema, parse_config
-from backend.options import ProjectOptions
-from backend.prompts import Prompt, parse_context
-from serving.labelstudio import rle_from_base64
+from backend.prompts import Click, parse_context
+from serving import labelstudio
+from serving.corrections import CorrectionSink, webhook_events
 from serving.errors import StatusError
+from serving.images import FetchError, ImageFetcher
+from serving.jobs import ObjectJob, OutputSpec, SegmentJob
+from serving.options import ProjectOptions
+from serving.refinement import click_key
 from serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class LabelStudioAdapter:
     # --- predictions ----------------------------------------------------------------------------
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict | list]:
-        """A brush mask for an interactive context; for a batch call, no prediction for any task.
+        """Regions for an interactive context (each target of the labeling config gets each object's mask in
+        its form); for a batch call, no prediction for any task.
 
         A batch call is Label Studio opening a task (or "Retrieve Predictions"): it prewarms the images'
         embeddings and answers an empty *list* of predictions per task. Label Studio stores nothing for an
@@ -102,33 +103,45 @@ class LabelStudioAdapter:
         if jobs:
             self.services.segmenter.prewarm(jobs)
 
-    def _interactive(self, url: str, prompt: Prompt, schema: LabelingSchema) -> dict:
-        job = self._job(url, points=prompt.points, point_labels=prompt.point_labels, box=prompt.box,
-                        reference_size=[prompt.width, prompt.height], meta={"label": prompt.label})
+    def _interactive(self, url: str, click: Click, schema: LabelingSchema) -> dict:
+        try:
+            targets = schema.select(self.options.outputs)
+        except ConfigError as error:
+            raise PredictError(str(error)) from None
+        kinds = {t.kind for t in targets}
+        output = OutputSpec(brush="brush" in kinds, polygon="polygon" in kinds, box="box" in kinds,
+                            min_area=self.options.min_area, largest_only=self.options.largest_only,
+                            polygon_tolerance=self.options.polygon_tolerance)
+        job = self._job(url, reference_size=[click.width, click.height], output=output)
+        # several objects: those answered before (newer Label Studio versions resend every rectangle) are skipped
+        several = len(click.objects) > 1
+        job.objects = [ObjectJob(points=o.points, point_labels=o.point_labels, box=o.box,
+                                 key=click_key(job.image_key, o.regions),
+                                 refine=click_key(job.image_key, o.regions[:-1])
+                                 if self.options.refine and len(o.regions) > 1 else None,
+                                 skip_answered=several)
+                       for o in click.objects]
         result = self.services.segmenter.segment([job])[0]
         if "error" in result:
             raise PredictError(result["error"], int(result.get("status", 500)))
-        log.info("mask for %s: cached=%s %s", url, result.get("cached"),
+        log.info("masks for %s: cached=%s %s", url, result.get("cached"),
                  " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
-        score = min(1.0, max(0.0, float(result["score"])))  # the decoder's IoU estimate can leave [0, 1]
-        if score < self.options.min_score:
-            log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
-            return {"result": [], "score": score, "model_version": result.get("model_version") or self.model_version}
-        label = schema.output_label(prompt.label)
-        region = {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": schema.brush_name,
-            "to_name": schema.image_name,
-            "type": "brushlabels",
-            "original_width": result["width"],
-            "original_height": result["height"],
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": rle_from_base64(result["rle_base64"]), "brushlabels": [label] if label else []},
-            "score": score,
-            "readonly": False,
-        }
-        return {"result": [region], "score": score,
-                "model_version": result.get("model_version") or self.model_version}
+        version = result.get("model_version") or self.model_version
+        regions, scores = [], []
+        for prompt, answer in zip(click.objects, result["objects"]):
+            if "skipped" in answer:
+                continue
+            score = min(1.0, max(0.0, float(answer["score"])))  # the decoder's IoU estimate can leave [0, 1]
+            if score < self.options.min_score:
+                log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
+                continue
+            labels = schema.labels_for(targets, prompt.label)
+            for target in targets:
+                if target.name in labels:
+                    regions += labelstudio.regions(target.kind, target.name, schema.image_name, result["width"],
+                                                   result["height"], answer, labels[target.name], score)
+            scores.append(score)
+        return {"result": regions, "score": max(scores, default=0.0), "model_version": version}
 
     # --- training events ------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from backend.labels import ConfigError, parse_config
 from serving.errors import StatusError
 from backend.failures import RecentFailures
 from backend.adapter import LabelStudioAdapter, Services
-from backend.options import ProjectOptions, ProjectOptionsStore, project_key
+from serving.options import ProjectOptions, ProjectOptionsStore, project_key
 from serving import labelstudio
 from backend.prompts import PromptError
 from serving.segmenter import Segmenter, create_segmenter
@@ -88,7 +88,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
     if settings.preload and hasattr(segmenter, "load_in_background"):
         segmenter.load_in_background()
     predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
-    project_options = ProjectOptionsStore(settings.core.model_dir / "projects")
+    project_options = ProjectOptionsStore(settings.core.model_dir / "projects", settings.core.project_defaults)
     failures = RecentFailures()
 
     app = Flask("samlight-backend")
@@ -155,10 +155,11 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if not isinstance(schema, str):
             raise ApiError("'schema' (the project's labeling config) is required", 400)
         parse_config(schema)
-        options = ProjectOptions.parse(data.get("extra_params"))
         project = project_key(data.get("project"))
         if project is not None:
-            project_options.save(project, options)
+            options = project_options.save(project, data.get("extra_params"))
+        else:
+            options = ProjectOptions.parse(data.get("extra_params"), base=project_options.defaults)
         return jsonify({"model_version": segmenter.model_version, "options": options.to_dict()})
 
     @app.post("/predict")
@@ -174,7 +175,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if not isinstance(label_config, str):
             raise ApiError("'label_config' (the project's labeling config) is required", 400)
         if "extra_params" in data:  # a client that sends its options with every call
-            options = ProjectOptions.parse(data["extra_params"])
+            options = ProjectOptions.parse(data["extra_params"], base=project_options.defaults)
         else:
             options = project_options.get(project_key(data.get("project")))
         model = LabelStudioAdapter(services, label_config, options)

@@ -28,24 +28,54 @@ class ConfigError(ValueError):
     """The labeling config cannot drive this backend."""
 
 
+OUTPUT_KINDS = {"brushlabels": "brush", "polygonlabels": "polygon", "rectanglelabels": "box"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A control that receives the masks: ``kind`` brush, polygon or box."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class LabelingSchema:
-    brush_name: str  # the BrushLabels control that receives masks
-    image_name: str  # the Image object it and the prompts label
+    image_name: str  # the Image object the prompts and the targets label
     image_value: str  # the task data key holding the image URL (``$image`` -> ``image``)
-    brush_labels: tuple[str, ...]
     prompts: dict[str, str]  # prompt control name -> "keypoint" | "rectangle"
+    targets: tuple[Target, ...]  # in the config's order
 
-    def output_label(self, prompt_label: str | None) -> str | None:
-        """The brush label for a prompt's label: the same name when the brush has it, else the first one."""
-        if prompt_label in self.brush_labels:
-            return prompt_label
-        return self.brush_labels[0] if self.brush_labels else prompt_label
+    def select(self, wanted: tuple[str, ...] = ()) -> tuple[Target, ...]:
+        """The targets an ``outputs`` option names (kinds or control names; empty: all of them)."""
+        if not wanted:
+            return self.targets
+        chosen = tuple(t for t in self.targets if t.kind in wanted or t.name in wanted)
+        if not chosen:
+            have = ", ".join(f"{t.name} ({t.kind})" for t in self.targets)
+            raise ConfigError(f"the project's outputs option {list(wanted)} matches none of the labeling "
+                              f"config's targets: {have}")
+        return chosen
+
+    @staticmethod
+    def labels_for(targets: tuple[Target, ...], prompt_label: str | None) -> dict[str, list[str]]:
+        """Each target's label for a prompt's label: the same name in the targets that have it; when none has
+        it (or the prompt has none), each target's first label."""
+        having = [t for t in targets if prompt_label is not None and prompt_label in t.labels]
+        if having:
+            return {t.name: [prompt_label] for t in having}
+        return {t.name: list(t.labels[:1]) for t in targets}
+
+
+def _is_smart(control) -> bool:
+    return any(str(control.attr.get(key, "")).lower() in ("true", "1") for key in ("smart", "smartOnly"))
 
 
 @lru_cache(maxsize=64)
 def parse_config(config: str) -> LabelingSchema:
-    """BrushLabels plus KeyPointLabels and/or RectangleLabels on one Image; ``ConfigError`` otherwise."""
+    """Smart KeyPointLabels and/or RectangleLabels (the prompts) and at least one BrushLabels, PolygonLabels
+    or non-smart RectangleLabels (the targets) on one Image; ``ConfigError`` otherwise."""
     if not isinstance(config, str) or not config.strip():
         raise ConfigError("the labeling config is empty")
     try:
@@ -53,16 +83,15 @@ def parse_config(config: str) -> LabelingSchema:
     except Exception as error:  # the sdk raises several XML/validation error types
         raise ConfigError(f"the labeling config is not valid XML: {error}") from None
     controls = list(interface.controls)
-    for brush in (c for c in controls if c.tag.lower() == "brushlabels"):
-        images = [o for o in brush.objects if o.tag.lower() == "image"]
-        if not images:
-            continue
-        image = images[0]
-        prompts = {c.name: PROMPT_TAGS[c.tag.lower()] for c in controls
-                   if c.tag.lower() in PROMPT_TAGS and image.name in c.to_name}
-        if prompts:
-            return LabelingSchema(brush.name, image.name, image.value_name or image.value.lstrip("$"),
-                                  tuple(brush.labels or ()), prompts)
+    for image in (o for o in interface.objects if o.tag.lower() == "image"):
+        on_image = [c for c in controls if image.name in c.to_name]
+        prompts = {c.name: PROMPT_TAGS[c.tag.lower()] for c in on_image if c.tag.lower() in PROMPT_TAGS
+                   and (c.tag.lower().startswith("keypoint") or _is_smart(c))}
+        targets = tuple(Target(c.name, OUTPUT_KINDS[c.tag.lower()], tuple(c.labels or ()))
+                        for c in on_image if c.tag.lower() in OUTPUT_KINDS and c.name not in prompts)
+        if prompts and targets:
+            return LabelingSchema(image.name, image.value_name or image.value.lstrip("$"), prompts, targets)
     found = ", ".join(sorted({c.tag for c in controls})) or "no controls"
-    raise ConfigError("the labeling config needs <BrushLabels> and <KeyPointLabels smart=\"true\"> and/or "
-                      f"<RectangleLabels smart=\"true\"> on the same <Image> (found: {found})")
+    raise ConfigError("the labeling config needs, on the same <Image>, a prompt (<KeyPointLabels smart=\"true\"> "
+                      "and/or <RectangleLabels smart=\"true\">) and a target for the masks (<BrushLabels>, "
+                      f"<PolygonLabels> or a non-smart <RectangleLabels>) (found: {found})")

@@ -1,13 +1,18 @@
-"""Where a cached click's time goes in RQ mode: worker compute, the Redis round trip, the backend's HTTP layer.
+"""Where a cached click's time goes in RQ mode, for each output type: worker compute, the Redis round trip,
+the backend's HTTP layer.
 
-Starts redis-server and one inference worker (``--gpu``), then times the same cached click three ways:
+Starts redis-server and one inference worker (``--gpu``), then, for each output (brush without clean-up, the
+brush with the default clean-up, polygons, the tight box, all three), times the same cached clicks:
 
-1. ``worker``: the worker's own prompt -> brush RLE time (the job result's ``timings_ms["mask"]``: decoder,
-   upsampling, RLE on the device, the bytes copied to the host);
-2. ``rq``: ``RQSegmenter.segment`` from this process: enqueue, worker pick-up, compute, result back;
-3. ``flask``: ``POST /predict`` through the backend app in process (Label Studio's JSON in and out, no socket).
+1. ``decoder``: the worker's prompt -> chosen mask at the image size (``timings_ms["mask"]``);
+2. ``outputs``: the mask -> what the project asked for (``timings_ms["outputs"]``: clean-up and contours on
+   the host, brush RLE where the model runs);
+3. ``rq``: ``RQSegmenter.segment`` from this process: enqueue, worker pick-up, compute, result back;
+4. ``flask``: ``POST /predict`` through the backend app in process (Label Studio's JSON in and out, no socket).
 
-The load test adds the socket and gunicorn on top of 3. Prints a table and writes JSON (``--out``).
+Random weights give noise masks (thousands of specks): the worst case for clean-up and contours. So the
+outputs are also timed on COCO's ground-truth masks (``--coco``), the shapes real masks have. The load test
+adds the socket and gunicorn on top of 4. Prints a table and writes JSON (``--out``).
 
     python bench/click_breakdown.py --redis-server .redis-bin/redis-server --images .loadtest-images \\
         --gpu 0 [--random lightening_t | --checkpoint DIR] --out OUT.json
@@ -42,12 +47,57 @@ def wait_for(check, timeout: float, what: str) -> None:
     raise SystemExit(f"{what} did not come up within {timeout:.0f} s")
 
 
-def click_body(url: str, x: float, config: str) -> dict:
-    point = {"id": "p", "from_name": "point", "to_name": "image", "type": "keypointlabels", "original_width": 640,
-             "original_height": 480, "image_rotation": 0, "is_positive": True,
+def click_body(url: str, x: float, config: str, options: dict) -> dict:
+    point = {"id": f"p{x}", "from_name": "point", "to_name": "image", "type": "keypointlabels",
+             "original_width": 640, "original_height": 480, "image_rotation": 0, "is_positive": True,
              "value": {"x": x, "y": 40.0, "width": 0.6, "keypointlabels": ["Object"]}}
-    return {"tasks": [{"id": 1, "data": {"image": url}}], "label_config": config,
+    return {"tasks": [{"id": 1, "data": {"image": url}}], "label_config": config, "extra_params": options,
             "params": {"context": {"result": [point]}}}
+
+
+def labeling_config() -> str:
+    from backend.labels import SMART_CONFIG
+
+    return SMART_CONFIG.replace("</View>", """  <PolygonLabels name="outline" toName="image"><Label value="Object"/></PolygonLabels>
+  <RectangleLabels name="bbox" toName="image"><Label value="Object"/></RectangleLabels>
+</View>""")
+
+
+def variants() -> dict[str, tuple[dict, dict]]:
+    """name -> (the job's OutputSpec fields, the project options that ask for the same)"""
+    from serving.options import ProjectOptions
+
+    area = ProjectOptions.min_area
+    return {"brush, no clean-up": ({"min_area": 0}, {"outputs": ["brush"], "min_area": 0}),
+            "brush + clean-up": ({"min_area": area}, {"outputs": ["brush"]}),
+            "polygon + clean-up": ({"brush": False, "polygon": True, "min_area": area}, {"outputs": ["polygon"]}),
+            "box + clean-up": ({"brush": False, "box": True, "min_area": area}, {"outputs": ["box"]}),
+            "all three + clean-up": ({"polygon": True, "box": True, "min_area": area}, {})}
+
+
+def coco_outputs(coco: Path, limit: int = 200) -> dict[str, float]:
+    """p50 ms of the host-side outputs on real object masks (COCO val ground truth, at the photos' size)."""
+    from pycocotools.coco import COCO
+
+    from serving import outputs
+    from serving.options import ProjectOptions
+
+    api = COCO(str(coco / "annotations" / "instances_val2017.json"))
+    masks = [api.annToMask(a).astype(bool) for a in api.loadAnns(api.getAnnIds(iscrowd=False))[:limit]]
+    defaults = ProjectOptions()
+    steps = {"clean-up": lambda m: outputs.clean(m, defaults.min_area, False),
+             "polygons": lambda m: outputs.polygons(m, defaults.polygon_tolerance, defaults.min_area, False),
+             "tight box": outputs.tight_box}
+    result = {}
+    for name, step in steps.items():
+        times = []
+        for mask in masks:
+            started = time.perf_counter()
+            step(mask)
+            times.append((time.perf_counter() - started) * 1000)
+        result[name] = p50(times)
+    result["masks"] = len(masks)
+    return result
 
 
 def p50(values: list[float]) -> float:
@@ -63,6 +113,7 @@ def main(argv=None) -> int:
     model.add_argument("--random", default="lightening_t")
     model.add_argument("--checkpoint")
     parser.add_argument("--clicks", type=int, default=50)
+    parser.add_argument("--coco", type=Path, default=Path(os.environ.get("SAMLIGHT_COCO_TINY", REPO.parent / "shared/data/coco_tiny")))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -80,10 +131,9 @@ def main(argv=None) -> int:
         processes.append(subprocess.Popen([sys.executable, "-m", "workers.inference", "--gpu", args.gpu, *model,
                                            "--redis-url", redis_url, "--name", "w0"], env=env, cwd=REPO))
         from backend.app import create_app
-        from serving.jobs import SegmentJob
-        from backend.labels import SMART_CONFIG
         from serving.config import Settings
         from serving.images import ImageFetcher
+        from serving.jobs import ObjectJob, OutputSpec, SegmentJob
         from serving.remote import RQSegmenter
 
         settings = Settings.from_env(env)
@@ -93,26 +143,31 @@ def main(argv=None) -> int:
         name = sorted(p.name for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
         url = images.file_url(name)
         key = segmenter.fetcher.image_key(url)
+        client = create_app(segmenter=segmenter).test_client()
+        config = labeling_config()
 
-        def job(i: int) -> SegmentJob:
-            return SegmentJob(image_url=url, image_key=key, points=[[20.0 + 7 * i % 600, 200.0]], point_labels=[1])
+        def job(i: int, output: dict) -> SegmentJob:
+            point = ObjectJob(points=[[20.0 + 7 * i % 600, 200.0]], point_labels=[1])
+            return SegmentJob(image_url=url, image_key=key, objects=[point], output=OutputSpec(**output))
 
         for i in range(5):  # the first click embeds the image; the rest warm the decoder's graph
-            segmenter.segment([job(i)])
-        rq_ms, mask_ms, rle_bytes = [], [], []
-        for i in range(args.clicks):
-            started = time.perf_counter()
-            result = segmenter.segment([job(i)])[0]
-            rq_ms.append((time.perf_counter() - started) * 1000)
-            mask_ms.append(result["timings_ms"]["mask"])
-        client = create_app(segmenter=segmenter).test_client()
-        flask_ms = []
-        for i in range(args.clicks):
-            started = time.perf_counter()
-            response = client.post("/predict", json=click_body(url, 3 + 94 * i / args.clicks, SMART_CONFIG))
-            body = response.get_json()
-            flask_ms.append((time.perf_counter() - started) * 1000)
-            rle_bytes.append(len(body["results"][0]["result"][0]["value"]["rle"]))
+            segmenter.segment([job(i, {})])
+        rows = {}
+        for variant, (output, options) in variants().items():
+            decoder_ms, outputs_ms, rq_ms, flask_ms, payload = [], [], [], [], []
+            for i in range(args.clicks):
+                started = time.perf_counter()
+                result = segmenter.segment([job(i, output)])[0]
+                rq_ms.append((time.perf_counter() - started) * 1000)
+                decoder_ms.append(result["timings_ms"]["mask"])
+                outputs_ms.append(result["timings_ms"]["outputs"])
+            for i in range(args.clicks):
+                started = time.perf_counter()
+                response = client.post("/predict", json=click_body(url, 3 + 94 * i / args.clicks, config, options))
+                flask_ms.append((time.perf_counter() - started) * 1000)
+                payload.append(len(response.data))
+            rows[variant] = {"decoder": p50(decoder_ms), "outputs": p50(outputs_ms), "rq_round_trip": p50(rq_ms),
+                             "flask_predict": p50(flask_ms), "answer_bytes": statistics.median(payload)}
     finally:
         images.close()
         for process in reversed(processes):
@@ -121,21 +176,22 @@ def main(argv=None) -> int:
         redis.stop()
 
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(args),
-              "p50_ms": {"worker_mask": p50(mask_ms), "rq_round_trip": p50(rq_ms),
-                         "flask_predict": p50(flask_ms)},
-              "rle_bytes_median": statistics.median(rle_bytes)}
+              "p50_ms": rows, "coco_outputs_p50_ms": coco_outputs(args.coco) if args.coco.is_dir() else None}
     try:
         import torch
 
         report["device"] = torch.cuda.get_device_name(0) if args.gpu != "-1" else "cpu"
     except Exception:  # noqa: BLE001
         report["device"] = "unknown"
-    p = report["p50_ms"]
-    print(f"{'stage (cached click, p50)':34s} ms")
-    print(f"{'worker: prompt -> brush RLE':34s} {p['worker_mask']:8.2f}")
-    print(f"{'RQ round trip (incl. the above)':34s} {p['rq_round_trip']:8.2f}")
-    print(f"{'backend /predict in process':34s} {p['flask_predict']:8.2f}")
-    print(f"median brush RLE: {report['rle_bytes_median']} bytes; device {report['device']}")
+    print(f"cached click, p50 ms, {report['device']} ({args.random or args.checkpoint}: noise masks)")
+    print(f"{'output':22s} {'decoder':>8s} {'outputs':>8s} {'RQ trip':>8s} {'/predict':>9s} {'answer':>9s}")
+    for variant, row in rows.items():
+        print(f"{variant:22s} {row['decoder']:8.2f} {row['outputs']:8.2f} {row['rq_round_trip']:8.2f} "
+              f"{row['flask_predict']:9.2f} {int(row['answer_bytes']):>8d}B")
+    if report["coco_outputs_p50_ms"]:
+        coco = report["coco_outputs_p50_ms"]
+        print(f"on {coco['masks']} COCO ground-truth masks (host): " +
+              ", ".join(f"{k} {v:.2f} ms" for k, v in coco.items() if k != "masks"))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     return 0

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from samlight.brush_rle import mask_to_rle_bytes
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
 from samlight.graphed_decoder import GraphedPromptDecoder
 from samlight.encoder_wrappers import CompiledEncoder, GraphedEncoder
@@ -35,15 +34,6 @@ class Prediction:
     masks: np.ndarray  # bool, (C, H, W), or (K, C, H, W) for K prompts
     scores: np.ndarray  # predicted IoU, (C,) or (K, C)
     low_res_logits: np.ndarray  # (C, 256, 256) or (K, C, 256, 256)
-
-
-@dataclass
-class BrushPrediction:
-    """The best candidate of one prompt, ready for Label Studio."""
-
-    rle: bytes  # brush RLE of the uint8 0/255 mask at the original size (samlight.brush_rle)
-    score: float  # the decoder's predicted IoU
-    area: int  # mask pixels
 
 
 def image_key(image: np.ndarray) -> str:
@@ -197,30 +187,32 @@ class Predictor:
         return result
 
     @torch.inference_mode()
-    def predict_brush(
+    def predict_best(
         self,
         embedding: ImageEmbedding,
         point_coords: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
         box: np.ndarray | None = None,
+        mask_input: list[torch.Tensor] | None = None,
         multimask_output: bool = True,
-    ) -> BrushPrediction:
-        """The best-scoring mask of one prompt as brush RLE, chosen, upsampled and encoded on the device.
+    ) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+        """The best-scoring mask of each of K prompts, in one decoder call, left on the device.
 
-        What a click needs: only the winner is upsampled to the image size, and only its RLE bytes cross
-        to the host (``predict_embedding`` copies every candidate and the low-res logits).
+        Prompts as ``predict_embedding``'s batched form (points (K, P, 2) with labels (K, P), and/or boxes
+        (K, 4)); ``mask_input``: K low-res logits (256, 256) of the previous click, as this returns them.
+        (Prompts of different point counts take separate calls: padding with SAM's "not a point" token changes
+        the answer slightly.) Returns masks (K, H, W) bool, the K scores, and the
+        chosen masks' low-res logits (K, 256, 256) for the next click. What a click needs: only the winners
+        are upsampled to the image size.
         """
-        points, labels, boxes, batched = validate_prompts(point_coords, point_labels, box, embedding.original_size)
-        if batched:
-            raise ValueError("predict_brush takes one prompt (points (P, 2) and/or a box (4,))")
-        low_res, iou = self._low_res(embedding, points, labels, boxes, None, multimask_output)
-        best = iou[0].argmax().view(1)
-        logits = self.model.postprocess_masks(low_res[0].index_select(0, best)[None], embedding.input_size,
-                                              embedding.original_size)
-        mask = logits[0, 0] > self.model.mask_threshold
-        rle = mask_to_rle_bytes(mask)
-        score, area = torch.stack([iou[0].index_select(0, best)[0], mask.sum().float()]).tolist()
-        return BrushPrediction(rle, score, int(area))
+        points, labels, boxes, _ = validate_prompts(point_coords, point_labels, box, embedding.original_size)
+        masks_in = torch.stack([m.to(self.device).float() for m in mask_input]) if mask_input else None
+        low_res, iou = self._low_res(embedding, points, labels, boxes, masks_in, multimask_output)
+        best = iou.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        chosen = low_res[rows, best]  # (K, 256, 256)
+        masks = self.model.postprocess_masks(chosen[:, None], embedding.input_size, embedding.original_size)
+        return masks[:, 0] > self.model.mask_threshold, iou[rows, best].tolist(), chosen
 
     def _decode(self, embedding, points, labels, boxes, mask_input, multimask_output):
         """Mask logits at the original size, scores and low-res logits, all still on the device."""

@@ -9,8 +9,11 @@ this package imports neither. Torch is imported only where a model runs (``engin
 - ``errors``            ``StatusError``: a message and the HTTP status it maps to
 - ``images``            ``ImageFetcher``: task image URLs -> RGB arrays (token rules, limits, one deadline)
 - ``outbound``          which addresses image fetches may connect to
-- ``jobs``              ``SegmentJob`` (JSON) and its execution against a predictor
-- ``labelstudio``       Label Studio's brush RLE, both ways; ``brush_regions`` of an annotation
+- ``jobs``              ``SegmentJob`` (JSON: a click's objects and outputs) and its execution against a predictor
+- ``outputs``           a mask cleaned up, as polygons, as its tight box (OpenCV; where the mask is)
+- ``refinement``        ``MaskMemory``: the last clicks' low-res logits, what the next click refines
+- ``options``           per-project options (Label Studio's "extra params") over the deployment's defaults
+- ``labelstudio``       Label Studio's brush RLE, both ways; a job's answer as regions; ``brush_regions``
 - ``segmenter``         the ``Segmenter`` protocol and the embedded (in-process) implementation
 - ``remote``            ``RQSegmenter``: the same protocol over Redis and the inference workers
 - ``engine``            ``InferenceRuntime``: an inference worker's model, hot reload and batched execution

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from samlight.image_io import ImageLimits
+from serving.options import ProjectOptions
 from serving.source import ModelSource
 
 
@@ -154,6 +155,7 @@ class WorkerSettings:
     # how long a batch waits for its images; slower ones go on downloading in the background
     fetch_wait_ms: int = 2000
     cache_entries: int = 256  # embeddings a worker keeps (a 1024² image's is 4 MB)
+    refine_entries: int = 1024  # clicks whose logits a worker keeps for the next click (256 KB each)
     route_ttl_s: int = 600  # how long an image -> worker route is trusted
     reply_ttl_s: int = 60  # a click's reply list outlives a backend that stopped waiting this long
     alive_ttl_ms: int = 1500  # worker liveness key; heartbeat every third of it
@@ -189,6 +191,7 @@ class EmbeddedSettings:
 
     device: str | None = None  # None: CUDA when available
     cache_entries: int = 64
+    refine_entries: int = 256  # clicks whose logits are kept for the next click (256 KB each)
     torch_threads: int | None = None  # None: torch's default
     prewarm_threads: int = 1
     # on the CPU: bf16 encoder weights where oneDNN runs them natively, and torch.compile of the encoder
@@ -225,6 +228,7 @@ class Settings:
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     rq: WorkerSettings = field(default_factory=WorkerSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    project_defaults: ProjectOptions = field(default_factory=ProjectOptions)  # what a project's extra_params override
 
     def __post_init__(self) -> None:
         # the RQ branch carries the root's Redis URL and state directory: RQ code needs only its branch
@@ -262,6 +266,7 @@ class Settings:
             embedded=EmbeddedSettings(
                 device=read.text("SAMLIGHT_DEVICE"),
                 cache_entries=read.integer("SAMLIGHT_CACHE_ENTRIES", EmbeddedSettings.cache_entries),
+                refine_entries=read.integer("SAMLIGHT_REFINE_ENTRIES", EmbeddedSettings.refine_entries),
                 torch_threads=threads or None,
                 cpu_fast=cpu_fast, cpu_int8=cpu_int8,
             ),
@@ -274,6 +279,7 @@ class Settings:
                 # one knob for both modes; SAMLIGHT_WORKER_CACHE_ENTRIES is its old name on the workers
                 cache_entries=read.integer("SAMLIGHT_CACHE_ENTRIES", read.integer(
                     "SAMLIGHT_WORKER_CACHE_ENTRIES", WorkerSettings.cache_entries)),
+                refine_entries=read.integer("SAMLIGHT_REFINE_ENTRIES", WorkerSettings.refine_entries),
                 route_ttl_s=read.integer("SAMLIGHT_ROUTE_TTL_S", WorkerSettings.route_ttl_s),
                 alive_ttl_ms=read.integer("SAMLIGHT_ALIVE_TTL_MS", WorkerSettings.alive_ttl_ms),
                 train_every_hours=read.number("SAMLIGHT_TRAIN_EVERY_HOURS", WorkerSettings.train_every_hours),
@@ -294,7 +300,21 @@ class Settings:
                 min_corrections=read.integer("SAMLIGHT_TRAIN_MIN_CORRECTIONS", TrainingSettings.min_corrections),
                 device=read.text("SAMLIGHT_TRAIN_DEVICE"),
             ),
+            project_defaults=_project_defaults(read),
         )
+
+
+def _project_defaults(read: Environment) -> ProjectOptions:
+    """The per-project options' deployment-wide values: ``SAMLIGHT_<KEY>`` for each key of ``extra_params``."""
+    given = {"prewarm": read.flag("SAMLIGHT_PREWARM", None),
+             "min_score": read.number("SAMLIGHT_MIN_SCORE", None),
+             "outputs": read.names("SAMLIGHT_OUTPUTS") or None,
+             "min_area": read.integer("SAMLIGHT_MIN_AREA", None),
+             "largest_only": read.flag("SAMLIGHT_LARGEST_ONLY", None),
+             "polygon_tolerance": read.number("SAMLIGHT_POLYGON_TOLERANCE", None),
+             "refine": read.flag("SAMLIGHT_REFINE", None)}  # None: unset
+    return ProjectOptions().updated({key: value for key, value in given.items() if value is not None},
+                                    name=lambda key: f"SAMLIGHT_{key.upper()}")
 
 
 def connect(redis_url: str, timeout_s: float = 2.0):

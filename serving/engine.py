@@ -16,6 +16,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from serving.refinement import MaskMemory
 from serving.registry import ModelRegistry, RegistryError
 from serving.config import WorkerSettings
 from serving.source import ModelSource
@@ -121,6 +122,7 @@ class InferenceRuntime:
         self.fetcher = fetcher
         self.downloads = ImageDownloads(fetcher)
         self.served: Served | None = None
+        self.memory = MaskMemory(settings.refine_entries)  # the last clicks' logits, for refinement
         self.rejected: dict[str, str] = {}
         self._loading: str | None = None
         self._lock = threading.Lock()
@@ -196,6 +198,7 @@ class InferenceRuntime:
         else:
             old = self.served.version if self.served else None
             self.served = served  # the atomic swap
+            self.memory.clear()  # the old model's logits do not refine the new model's masks
             log.info("now serving %s (was %s), loaded in %.2fs", version, old, time.monotonic() - started)
             self._publish_state()
         finally:
@@ -235,7 +238,7 @@ class InferenceRuntime:
                 info = {"queue": queue_name, "version": self.served.version if self.served else None,
                         "loading": self._loading, "jobs": self.jobs_done, "cache_hits": self.cache_hits,
                         "busy": self.busy, "rejected": sorted(self.rejected), "clicks": self.clicks,
-                        "click_hits": self.click_hits}
+                        "click_hits": self.click_hits, "refined": self.memory.refined}
                 with self.redis.pipeline(transaction=False) as pipe:
                     pipe.set(self.settings.keys.alive(self.worker_name), json.dumps(info), px=ttl)
                     now_ms = int(time.time() * 1000)
@@ -322,7 +325,7 @@ class InferenceRuntime:
                                          "status": 504}
                 continue
             try:
-                result = run_job(data, predictor, fetcher, served.version)
+                result = run_job(data, predictor, fetcher, served.version, self.memory)
             except Exception as error:  # a bug, not bad input: fail this job only
                 log.exception("job %s failed", job.id)
                 result = {"error": f"inference failed: {error.__class__.__name__}: {error}", "status": 500}
@@ -367,7 +370,9 @@ class InferenceRuntime:
             log.warning("could not publish %d replies: %s", len(replies), error)
             return
         for job_id, key in replies:
-            summary = {k: v for k, v in self._results[job_id].items() if k != "rle_base64"}
+            result = self._results[job_id]
+            objects = [{k: v for k, v in item.items() if k != "rle_base64"} for item in result.get("objects") or []]
+            summary = dict(result, objects=objects) if "objects" in result else result
             self._results[job_id] = dict(summary, replied_to=key)
 
     def take_result(self, job_id: str) -> dict:

@@ -92,3 +92,33 @@ def brush_regions(result: list) -> list[BrushRegion]:
         regions.append(BrushRegion(item.get("id"), item.get("from_name"), item.get("to_name"),
                                    list(value.get("brushlabels") or []), mask))
     return regions
+
+
+# --- a job's answer as Label Studio regions -----------------------------------------------------------
+
+
+def regions(kind: str, from_name: str, to_name: str, width: int, height: int, answer: dict,
+            labels: list[str], score: float) -> list[dict]:
+    """One object's answer (``serving.jobs`` result) as the regions of a ``kind`` target: one brush region
+    (RLE), one polygon region per part (points in percent, closed), or one rectangle (the tight box)."""
+
+    def region(region_type: str, value: dict) -> dict:
+        return {"id": uuid.uuid4().hex[:10], "from_name": from_name, "to_name": to_name, "type": region_type,
+                "original_width": width, "original_height": height, "image_rotation": 0,
+                "value": {**value, region_type: labels}, "score": score, "readonly": False}
+
+    if kind == "brush":
+        return [region("brushlabels", {"format": "rle", "rle": rle_from_base64(answer["rle_base64"])})]
+    if kind == "polygon":
+        return [region("polygonlabels", {"points": [[x * 100 / width, y * 100 / height] for x, y in points],
+                                         "closed": True})
+                for points in answer.get("polygons") or []]
+    if kind == "box":
+        box = answer.get("box")
+        if box is None:
+            return []
+        x0, y0, x1, y1 = box
+        return [region("rectanglelabels", {"x": x0 * 100 / width, "y": y0 * 100 / height,
+                                           "width": (x1 - x0) * 100 / width, "height": (y1 - y0) * 100 / height,
+                                           "rotation": 0})]
+    raise ValueError(f"unknown output kind {kind!r}")

@@ -20,6 +20,7 @@ from serving.config import EmbeddedSettings, Settings
 from serving.images import FetchError, ImageFetcher
 from serving.source import ModelSource
 from serving.jobs import JobError, SegmentJob, error_result, execute
+from serving.refinement import MaskMemory
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class InProcessSegmenter:
         self.fetcher = fetcher
         self._version = source.version()  # cheap; a SAM .pth is hashed once here, at startup
         self._predictor = None
+        self.memory = MaskMemory(settings.refine_entries)  # the last clicks' logits, for refinement
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
         self.warm_up_s: float | None = None  # how long the model's warm-up took, once it is loaded
@@ -213,7 +215,7 @@ class InProcessSegmenter:
                         start = time.perf_counter()
                         predictor.embed(image, key=job.image_key)
                         timings["embed"] = (time.perf_counter() - start) * 1000
-                    result = execute(job, predictor, self.fetcher, self.model_version)
+                    result = execute(job, predictor, self.fetcher, self.model_version, self.memory)
                 result["cached"] = image is None
                 result["timings_ms"] = {**timings, **result.get("timings_ms", {})}
                 return result
@@ -258,6 +260,7 @@ class InProcessSegmenter:
             status["device"] = str(self._predictor.device)
             status["warm_up_s"] = self.warm_up_s
             status["cache"] = self._predictor.cache.stats()
+            status["refinement"] = self.memory.stats()
         return status
 
 

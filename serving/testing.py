@@ -23,13 +23,6 @@ class GeometryEmbedding:
     original_size: tuple[int, int]  # (H, W)
 
 
-@dataclass
-class GeometryPrediction:  # the fields of samlight.predictor.BrushPrediction
-    rle: bytes
-    score: float
-    area: int
-
-
 class _Cache:
     def __init__(self, max_entries: int = 64) -> None:
         self.max_entries = max_entries
@@ -77,21 +70,32 @@ class GeometryPredictor:
     def is_cached(self, key: str) -> bool:
         return key in self.cache
 
-    def predict_brush(self, embedding: GeometryEmbedding, point_coords=None, point_labels=None, box=None,
-                      multimask_output: bool = False) -> GeometryPrediction:
-        from samlight.brush_rle import mask_to_rle_bytes
+    def predict_best(self, embedding: GeometryEmbedding, point_coords=None, point_labels=None, box=None,
+                     mask_input=None, multimask_output: bool = False):
+        """K prompts' masks (K, H, W), scores and stand-in logits, as ``Predictor.predict_best``; a refined
+        prompt (``mask_input``) adds its new points to the previous mask."""
+        import torch
 
         height, width = embedding.original_size
         if point_coords is None and box is None:
             raise ValueError("give at least one prompt: points or a box")
+        count = len(box) if box is not None else len(point_coords)
         yy, xx = np.mgrid[:height, :width] + 0.5  # pixel centres
-        mask = np.zeros((height, width), bool)
-        if box is not None:
-            x0, y0, x1, y1 = np.asarray(box, float).reshape(4)
-            mask |= (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
         radius = point_radius(height, width)
-        if point_coords is not None:
-            for (x, y), label in zip(np.asarray(point_coords, float).reshape(-1, 2), np.asarray(point_labels).ravel()):
-                disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
-                mask = mask | disc if label == 1 and box is None else (mask & ~disc if label == 0 else mask)
-        return GeometryPrediction(mask_to_rle_bytes(mask), SCORE, int(mask.sum()))
+        masks = np.zeros((count, height, width), bool)
+        for k in range(count):
+            mask = masks[k]
+            if box is not None:
+                x0, y0, x1, y1 = np.asarray(box[k], float)
+                mask |= (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+            if mask_input is not None:
+                mask |= mask_input[k].numpy()
+            if point_coords is not None:
+                for (x, y), label in zip(np.asarray(point_coords[k], float), np.asarray(point_labels[k])):
+                    disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
+                    if label == 1 and box is None:
+                        mask |= disc
+                    elif label == 0:
+                        mask &= ~disc
+        masks = torch.from_numpy(masks)
+        return masks, [SCORE] * count, masks.clone()  # the "logits" of a geometry mask: the mask itself

@@ -24,6 +24,9 @@ from serving.source import ModelSource
 from backend.settings import BackendSettings
 from serving.testing import point_radius
 from e2e.servers import ImageHost
+from serving.options import ProjectOptions
+
+DEFAULTS = ProjectOptions().to_dict()
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,7 +114,7 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
                                            "access_token": "x", "extra_params": None})
     assert response.status_code == 200
     assert response.get_json() == {"model_version": "random-lightening_t-0",
-                                   "options": {"prewarm": True, "min_score": 0.0}}
+                                   "options": DEFAULTS}
     assert not app.extensions["samlight"].segmenter.loaded  # /setup never loads the model
     keypoints_only = ('<View><Image name="i" value="$i"/>'
                       '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>')
@@ -121,12 +124,16 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
 
 
 @pytest.mark.parametrize("extra_params, options", [
-    (None, {"prewarm": True, "min_score": 0.0}),
-    ("", {"prewarm": True, "min_score": 0.0}),  # Label Studio's Connect Model form with the box left empty
-    ("  {}  ", {"prewarm": True, "min_score": 0.0}),
-    ("null", {"prewarm": True, "min_score": 0.0}),
-    ('{"min_score": 0.5, "prewarm": false}', {"prewarm": False, "min_score": 0.5}),
-    ({"min_score": 1}, {"prewarm": True, "min_score": 1.0}),
+    (None, DEFAULTS),
+    ("", DEFAULTS),  # Label Studio's Connect Model form with the box left empty
+    ("  {}  ", DEFAULTS),
+    ("null", DEFAULTS),
+    ('{"min_score": 0.5, "prewarm": false}', {**DEFAULTS, "prewarm": False, "min_score": 0.5}),
+    ({"min_score": 1}, {**DEFAULTS, "min_score": 1.0}),
+    ('{"outputs": ["polygon", "box"], "min_area": 0, "largest_only": true, "polygon_tolerance": 2.5, "refine": false}',
+     {**DEFAULTS, "outputs": ["polygon", "box"], "min_area": 0, "largest_only": True, "polygon_tolerance": 2.5,
+      "refine": False}),
+    ('{"outputs": "brush, polygon"}', {**DEFAULTS, "outputs": ["brush", "polygon"]}),
 ])
 def test_setup_accepts_extra_params_as_label_studio_sends_them(client, extra_params, options):
     response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
@@ -142,6 +149,11 @@ def test_setup_accepts_extra_params_as_label_studio_sends_them(client, extra_par
     ('{"min_scor": 0.5}', ["unknown option", "min_scor", "min_score"]),
     ('{"min_score": 2}', ["extra_params.min_score", "from 0 to 1"]),
     ('{"prewarm": "yes"}', ["extra_params.prewarm", "true or false"]),
+    ('{"min_area": -5}', ["extra_params.min_area", "integer from 0"]),
+    ('{"min_area": 2.5}', ["extra_params.min_area", "integer"]),
+    ('{"polygon_tolerance": "fine"}', ["extra_params.polygon_tolerance", "number from 0 to 100"]),
+    ('{"outputs": [1]}', ["extra_params.outputs", "brush, polygon, box"]),
+    ('{"largest_only": 1}', ["extra_params.largest_only", "true or false"]),
 ])
 def test_bad_extra_params_get_a_400_naming_the_problem(client, extra_params, words):
     response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
@@ -192,15 +204,140 @@ def test_several_points_with_a_negative_one(client, photo):
     assert np.array_equal(mask, expected)
 
 
-def test_rectangle_gives_its_box_last_one_wins(client, photo):
-    w, h = photo["width"], photo["height"]
-    context = {"result": [rectangle(5, 5, 10, 10, photo), rectangle(20.0, 30.0, 40.0, 25.0, photo, "Cat")]}
+def rectangle_mask(photo, x, y, w, h):
+    mask = np.zeros((photo["height"], photo["width"]), bool)
+    x0, y0 = round(x * photo["width"] / 100), round(y * photo["height"] / 100)
+    x1, y1 = round((x + w) * photo["width"] / 100), round((y + h) * photo["height"] / 100)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def masks_of(response, photo) -> list[np.ndarray]:
+    assert response.status_code == 200, response.get_json()
+    return [rle_to_mask(r["value"]["rle"], photo["height"], photo["width"]) > 0
+            for r in response.get_json()["results"][0]["result"]]
+
+
+def iou(a, b) -> float:
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def test_rectangle_gives_its_box(client, photo):
+    context = {"result": [rectangle(20.0, 30.0, 40.0, 25.0, photo, "Cat")]}
     region, mask = only_region(client.post("/predict", json=predict_body(photo, context)), photo)
     assert region["value"]["brushlabels"] == ["Object"]  # "Cat" is not a brush label: the first one
-    ys, xs = np.nonzero(mask)
-    assert abs(xs.min() - 0.2 * w) <= 1 and abs(xs.max() + 1 - 0.6 * w) <= 1
-    assert abs(ys.min() - 0.3 * h) <= 1 and abs(ys.max() + 1 - 0.55 * h) <= 1
-    assert mask.sum() == (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    assert iou(mask, rectangle_mask(photo, 20, 30, 40, 25)) > 0.99
+
+
+def test_several_rectangles_get_one_region_each_and_answered_ones_are_skipped(client, photo):
+    boxes = {"a": (5, 5, 10, 10), "b": (20, 30, 40, 25), "c": (70, 60, 20, 30)}
+
+    def context(*names):
+        return {"result": [dict(rectangle(*boxes[n], photo), id=n) for n in names]}
+
+    masks = masks_of(client.post("/predict", json=predict_body(photo, context("a", "b"))), photo)
+    assert [iou(m, rectangle_mask(photo, *boxes[n])) > 0.99 for m, n in zip(masks, "ab")] == [True, True]
+    # newer Label Studio versions send every rectangle with each call: only the new one is answered
+    masks = masks_of(client.post("/predict", json=predict_body(photo, context("a", "b", "c"))), photo)
+    assert len(masks) == 1 and iou(masks[0], rectangle_mask(photo, *boxes["c"])) > 0.99
+    # one rectangle alone is always answered (Label Studio 1.23.2 sends the current one; a retry)
+    assert len(masks_of(client.post("/predict", json=predict_body(photo, context("a"))), photo)) == 1
+
+
+TARGETS_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
+  <PolygonLabels name="outline" toName="image"><Label value="Object"/></PolygonLabels>
+  <RectangleLabels name="bbox" toName="image"><Label value="Object"/></RectangleLabels>
+  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Object" smart="true"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Object" smart="true"/></RectangleLabels>
+</View>"""
+
+
+def polygon_mask(points, photo) -> np.ndarray:
+    import cv2
+
+    mask = np.zeros((photo["height"], photo["width"]), np.uint8)
+    pixels = np.array([[x * photo["width"] / 100, y * photo["height"] / 100] for x, y in points])
+    cv2.fillPoly(mask, [np.round(pixels - 0.5).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def test_every_target_gets_the_mask_in_its_form(client, photo):
+    w, h = photo["width"], photo["height"]
+    body = predict_body(photo, {"result": [keypoint(40, 50, photo)]}, config=TARGETS_CONFIG)
+    regions = {r["from_name"]: r for r in client.post("/predict", json=body).get_json()["results"][0]["result"]}
+    assert sorted(regions) == ["bbox", "mask", "outline"]
+    expected = disc(photo, 0.4 * w, 0.5 * h)
+    brush = rle_to_mask(regions["mask"]["value"]["rle"], h, w) > 0
+    assert np.array_equal(brush, expected)
+    polygon = regions["outline"]
+    assert polygon["type"] == "polygonlabels" and polygon["value"]["closed"] is True
+    assert polygon["value"]["polygonlabels"] == ["Object"] and iou(polygon_mask(polygon["value"]["points"], photo),
+                                                                     expected) > 0.95
+    box = regions["bbox"]["value"]
+    ys, xs = np.nonzero(expected)
+    assert regions["bbox"]["type"] == "rectanglelabels" and box["rectanglelabels"] == ["Object"]
+    assert [box["x"] * w / 100, box["y"] * h / 100, (box["x"] + box["width"]) * w / 100,
+            (box["y"] + box["height"]) * h / 100] == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    # the outputs option picks targets, by kind or by control name
+    for outputs, names in (('["polygon"]', ["outline"]), ('["bbox", "brush"]', ["bbox", "mask"])):
+        answer = client.post("/predict", json={**body, "extra_params": f'{{"outputs": {outputs}}}'}).get_json()
+        assert sorted(r["from_name"] for r in answer["results"][0]["result"]) == names
+    response = client.post("/predict", json={**body, "extra_params": '{"outputs": ["mesh"]}'})
+    assert response.status_code == 400 and "matches none" in response.get_json()["error"]
+
+
+def test_polygon_only_project(client, photo):
+    config = ('<View><Image name="image" value="$image"/>'
+              '<PolygonLabels name="poly" toName="image"><Label value="Car"/><Label value="Object"/></PolygonLabels>'
+              '<RectangleLabels name="box" toName="image" smart="true"><Label value="Object"/></RectangleLabels>'
+              '</View>')
+    body = predict_body(photo, {"result": [rectangle(20, 30, 40, 25, photo)]}, config=config)
+    [region] = client.post("/predict", json=body).get_json()["results"][0]["result"]
+    assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == ["Object"]
+    assert len(region["value"]["points"]) == 4  # a box's outline simplifies to its corners
+    assert iou(polygon_mask(region["value"]["points"], photo), rectangle_mask(photo, 20, 30, 40, 25)) > 0.98
+
+
+def test_clean_up_fills_holes_and_keeps_the_largest_part(client, photo):
+    w, h = photo["width"], photo["height"]
+    # a box with a negative click inside: a hole of one disc's area
+    context = {"result": [rectangle(20, 20, 50, 50, photo), keypoint(40, 40, photo, positive=False)]}
+    hole = disc(photo, 0.4 * w, 0.4 * h).sum()
+    for min_area, filled in ((0, False), (int(hole) + 1, True)):
+        body = {**predict_body(photo, context), "extra_params": {"min_area": min_area}}
+        [mask] = masks_of(client.post("/predict", json=body), photo)
+        assert bool(mask[int(0.4 * h), int(0.4 * w)]) is filled
+    # two positive clicks, one cut smaller by a negative one: largest_only keeps the bigger disc
+    context = {"result": [keypoint(20, 20, photo), keypoint(70, 70, photo), keypoint(72, 70, photo, positive=False)]}
+    body = {**predict_body(photo, context), "extra_params": {"largest_only": True}}
+    [mask] = masks_of(client.post("/predict", json=body), photo)
+    assert np.array_equal(mask, disc(photo, 0.2 * w, 0.2 * h))
+    # polygons: one per part (largest first), holes dropped
+    body = {**predict_body(photo, context, config=TARGETS_CONFIG), "extra_params": {"outputs": ["polygon"]}}
+    regions = client.post("/predict", json=body).get_json()["results"][0]["result"]
+    assert len(regions) == 2 and iou(polygon_mask(regions[0]["value"]["points"], photo),
+                                     disc(photo, 0.2 * w, 0.2 * h)) > 0.95
+
+
+def test_a_click_that_extends_a_region_refines_it(client, photo):
+    segmenter = client.application.extensions["samlight"].segmenter
+
+    def refined() -> int:
+        return client.get("/health").get_json()["refinement"]["refined"]
+
+    first, second, other = (dict(keypoint(x, 40, photo), id=i) for x, i in ((30, "p1"), (35, "p2"), (60, "p3")))
+    client.post("/predict", json=predict_body(photo, {"result": [first]}))
+    before = refined()
+    client.post("/predict", json=predict_body(photo, {"result": [first, second]}))
+    assert refined() == before + 1  # the same region, one more click: refined
+    client.post("/predict", json=predict_body(photo, {"result": [other]}))
+    client.post("/predict", json=predict_body(photo, {"result": [dict(other, id="p4"), second]}))
+    assert refined() == before + 1  # a new region is not
+    client.post("/predict", json={**predict_body(photo, {"result": [first, second, dict(other, id="p5")]}),
+                                  "extra_params": {"refine": False}})
+    assert refined() == before + 1 and segmenter.memory.stats()["entries"] >= 4
 
 
 def test_output_label_follows_the_prompt(client, photo):

@@ -67,21 +67,38 @@ def test_batched_prompts_equal_one_by_one(predictor, photo):
 @pytest.mark.parametrize("prompt", [{"point_coords": np.array([[320.0, 240.0]]), "point_labels": np.array([1])},
                                     {"box": np.array([40.0, 30.0, 500.0, 420.0]), "multimask_output": False}])
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_predict_brush_is_the_best_candidate_encoded(test_student, photo, prompt, device):
-    """The click path (best candidate chosen, upsampled and encoded on the device) equals choosing from
-    ``predict_embedding``'s full output."""
-    from serving.labelstudio import rle_to_mask
-
+def test_predict_best_is_the_best_candidate(test_student, photo, prompt, device):
+    """The click path (best candidate chosen and upsampled on the device) equals choosing from
+    ``predict_embedding``'s full output, and its logits are the chosen candidate's."""
     predictor = Predictor(copy.deepcopy(test_student), device=device)
     emb = predictor.embed(photo)
     full = predictor.predict_embedding(emb, **prompt)
-    brush = predictor.predict_brush(emb, **prompt)
+    masks, scores, low_res = predictor.predict_best(emb, **prompt)
     best = int(np.argmax(full.scores))
-    h, w = photo.shape[:2]
-    assert np.array_equal(rle_to_mask(list(brush.rle), h, w) > 0, full.masks[best])
-    assert brush.score == pytest.approx(float(full.scores[best])) and brush.area == int(full.masks[best].sum())
-    with pytest.raises(ValueError, match="one prompt"):
-        predictor.predict_brush(emb, box=np.array([[10.0, 10.0, 50.0, 50.0]] * 2))
+    assert masks.shape == (1, *photo.shape[:2]) and np.array_equal(masks[0].cpu().numpy(), full.masks[best])
+    assert scores[0] == pytest.approx(float(full.scores[best]), abs=1e-5)
+    assert np.allclose(low_res[0].cpu().numpy(), full.low_res_logits[best], atol=1e-4)
+
+
+def test_predict_best_batches_prompts_and_takes_the_previous_mask(test_student, photo):
+    """K prompts in one call give each prompt's own answer; ``mask_input`` is SAM's: the same as
+    ``predict_embedding`` with the previous low-res logits."""
+    predictor = Predictor(copy.deepcopy(test_student), device="cpu")
+    emb = predictor.embed(photo)
+    one, two = [[100.0, 100.0], [120.0, 90.0]], [[300.0, 200.0], [320.0, 220.0]]
+    points = np.array([one, two])
+    labels = np.array([[1, 1], [1, 0]])
+    masks, scores, low_res = predictor.predict_best(emb, points, labels, multimask_output=False)
+    for k, (p, l) in enumerate(((one, [1, 1]), (two, [1, 0]))):
+        alone = predictor.predict_embedding(emb, np.array(p), np.array(l), multimask_output=False)
+        assert (masks[k].numpy() == alone.masks[0]).mean() > 0.999 and scores[k] == pytest.approx(
+            float(alone.scores[0]), abs=1e-4)
+    refined, _, _ = predictor.predict_best(emb, np.array([two]), np.array([[1, 0]]), mask_input=[low_res[0]],
+                                           multimask_output=False)
+    reference = predictor.predict_embedding(emb, np.array(two), np.array([1, 0]),
+                                            mask_input=low_res[0].numpy()[None], multimask_output=False)
+    assert np.array_equal(refined[0].numpy(), reference.masks[0])
+    assert not np.array_equal(refined[0].numpy(), masks[1].numpy())  # the previous mask changed the answer
 
 
 def test_embedding_cache_hits_and_bounds(test_student, coco_val_images):

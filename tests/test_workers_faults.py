@@ -16,11 +16,13 @@ from _workers_support import start_inference_worker, stop, wait_for_workers
 from backend.app import create_app
 from serving.config import Settings, WorkerSettings
 from serving.images import ImageFetcher
-from serving.jobs import SegmentJob
+from serving.jobs import ObjectJob, SegmentJob
 from backend.settings import BackendSettings
 from testbed import FileServer, RedisServer
 from serving.remote import RQSegmenter
 from serving.config import connect
+
+POINT = ObjectJob(points=[[100.0, 80.0]], point_labels=[1])
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,8 +48,7 @@ def stack(tmp_path, coco_tiny):
 
 def click(stack, index: int) -> dict:
     url = stack["images"].file_url(stack["names"][index])
-    job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), points=[[100.0, 80.0]],
-                     point_labels=[1])
+    job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), objects=[POINT])
     [result] = stack["segmenter"].segment([job])
     return result
 
@@ -124,12 +125,11 @@ def test_health_is_down_without_workers_and_counts_every_queue(stack):
 
 def test_a_slow_image_holds_up_only_its_own_clicks(stack):
     url = stack["images"].file_url(stack["names"][5], slow=True)  # the server answers after 4 s
-    slow_job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), points=[[100.0, 80.0]],
-                          point_labels=[1])
+    slow_job = SegmentJob(image_url=url, image_key=ImageFetcher().image_key(url), objects=[POINT])
     started = time.monotonic()
     [slow, fast] = stack["segmenter"].segment([slow_job, SegmentJob(
         image_url=stack["images"].file_url(stack["names"][6]), image_key=ImageFetcher().image_key(
-            stack["images"].file_url(stack["names"][6])), points=[[100.0, 80.0]], point_labels=[1])])
+            stack["images"].file_url(stack["names"][6])), objects=[POINT])])
     assert "error" not in fast, fast
     assert slow["status"] == 504 and "still downloading" in slow["error"]
     assert time.monotonic() - started < 4.0  # neither waited for the slow server

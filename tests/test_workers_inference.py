@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 from _workers_support import start_inference_worker, stop, wait_for_workers
 from serving.config import WorkerSettings
 from serving.images import ImageFetcher
-from serving.jobs import SegmentJob
+from serving.jobs import ObjectJob, SegmentJob
 from serving.labelstudio import rle_from_base64, rle_to_mask
 from testbed import FileServer, RedisServer
 from e2e.servers import ImageHost, make_jwt
@@ -60,23 +60,24 @@ def fleet(tmp_path_factory, coco_tiny):
 
 def click(fleet, index: int, point=(120.0, 90.0), slow: bool = False) -> SegmentJob:
     url = fleet["images"].file_url(fleet["names"][index], slow=slow)
-    return SegmentJob(image_url=url, image_key=fleet["fetcher"].image_key(url), points=[list(point)],
-                      point_labels=[1])
+    return SegmentJob(image_url=url, image_key=fleet["fetcher"].image_key(url),
+                      objects=[ObjectJob(points=[list(point)], point_labels=[1])])
 
 
 def test_click_round_trip(fleet):
     segmenter = fleet["segmenter"]
     [result] = segmenter.segment([click(fleet, 0)])
     assert "error" not in result, result
-    mask = rle_to_mask(rle_from_base64(result["rle_base64"]), result["height"], result["width"])
+    [answer] = result["objects"]
+    mask = rle_to_mask(rle_from_base64(answer["rle_base64"]), result["height"], result["width"])
     assert mask.shape == (result["height"], result["width"]) == (480, 640)
     assert result["model_version"] == "random-lightening_test-0" == segmenter.model_version
     assert result["worker"]["name"] in WORKERS and result["cached"] is False
     [again] = segmenter.segment([click(fleet, 0, point=(300.0, 200.0))])
     assert again["cached"] is True and again["worker"]["name"] == result["worker"]["name"]
     # bad prompt: a clean per-job error, not an exception
-    [bad] = segmenter.segment([SegmentJob(image_url="ftp://x/y.jpg", image_key="k", points=[[1, 1]],
-                                          point_labels=[1])])
+    [bad] = segmenter.segment([SegmentJob(image_url="ftp://x/y.jpg", image_key="k",
+                                          objects=[ObjectJob(points=[[1, 1]], point_labels=[1])])])
     assert bad["status"] == 400 and "unsupported image URL" in bad["error"]
     health = segmenter.health()
     assert health["redis"] == "ok" and {w["name"] for w in health["workers"]} == set(WORKERS)
@@ -91,8 +92,8 @@ def test_click_round_trip(fleet):
                            serializer=JSONSerializer).return_value()
                  for key in segmenter.redis.keys("rq:results:click-*")]
     summaries = [s for s in summaries if s and "error" not in s]
-    assert summaries and all("rle_base64" not in s and s["replied_to"].startswith("samlight:reply:click-")
-                             and "score" in s for s in summaries), summaries
+    assert summaries and all("rle_base64" not in s["objects"][0] and "score" in s["objects"][0]
+                             and s["replied_to"].startswith("samlight:reply:click-") for s in summaries), summaries
 
 
 def test_routing_reuses_embeddings_across_workers(fleet):
@@ -162,13 +163,13 @@ def test_no_worker_fails_fast(redis_server):
     segmenter = RQSegmenter(WorkerSettings(redis_server.url, deadline_ms=3000), ImageFetcher())
     started = time.monotonic()
     [result] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
-                                             points=[[1, 1]], point_labels=[1])])
+                                             objects=[ObjectJob(points=[[1, 1]], point_labels=[1])])])
     assert result["status"] == 503 and "no inference worker" in result["error"]
     assert time.monotonic() - started < 3.0
     assert segmenter.health()["fleet"] == "NO_WORKERS"
     redis_server.stop()
     [down] = segmenter.segment([SegmentJob(image_url="http://127.0.0.1:9/a.jpg", image_key="k",
-                                           points=[[1, 1]], point_labels=[1])])
+                                           objects=[ObjectJob(points=[[1, 1]], point_labels=[1])])])
     assert down["status"] == 503 and "Redis" in down["error"]
     assert segmenter.health()["redis"].startswith("unreachable")
 

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from _workers_support import REPO, start_inference_worker, stop, wait_for_workers, worker_env
 from testbed import FileServer
 from serving.images import ImageFetcher
-from serving.jobs import SegmentJob
+from serving.jobs import ObjectJob, SegmentJob
 from samlight.brush_rle import mask_to_rle
 from serving.config import WorkerSettings
 from serving.correction_stream import RedisCorrectionSink
@@ -92,7 +92,7 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
         assert queued["job_id"] == "samlight-dld"
         wait_for_workers(segmenter, ["w1"])
         url = images.file_url(sorted(p.name for p in (coco_tiny / "train2017").glob("*.jpg"))[0])
-        job = SegmentJob(image_url=url, image_key=fetcher.image_key(url), box=[50, 50, 300, 300])
+        job = SegmentJob(image_url=url, image_key=fetcher.image_key(url), objects=[ObjectJob(box=[50, 50, 300, 300])])
         [before] = segmenter.segment([job])
         assert before["model_version"] == "random-lightening_test-0"
 
