@@ -11,8 +11,10 @@ that opening the task computed. On failure, a screenshot and the browser console
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -136,6 +138,9 @@ def test_readme_quick_start_in_the_browser(stack, photos):
                 ui.click(x / size[0] + 0.01, y / size[1] + 0.01, negative=True)
             suggested_mask(negative, size)
             assert [r["is_positive"] for r in negative["context"]["result"]] == [True, False]
+            # Label Studio keeps the first point's region id: the backend refined the first click's mask
+            refinement = studio.session.get(f"{backend.url}/health", timeout=5).json()["refinement"]
+            assert refinement["refined"] == 1, refinement
             ui.accept_suggestions()
             assert "brushregion" in ui.store()["regions"]
 
@@ -181,3 +186,71 @@ def test_readme_quick_start_in_the_browser(stack, photos):
         print(f"browser: click -> visible suggestion {click['ms']:.0f} ms (new image after prewarm), "
               f"negative click {negative['ms']:.0f} ms, rectangle {drag['ms']:.0f} ms, "
               f"first click after a backend restart {first['ms']:.0f} ms")
+
+
+# Label Studio's COCO export refuses a config whose KeyPointLabels' labels lack model_index (HTTP 500, "No
+# keypoint order found"), even when no keypoint is kept: the README's polygon config has it
+POLYGON_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="outline" toName="image"><Label value="Object"/></PolygonLabels>
+  <KeyPointLabels name="point" toName="image" smart="true">
+    <Label value="Object" smart="true" model_index="0"/>
+  </KeyPointLabels>
+</View>"""
+
+
+def coco_export(studio, project_id: int) -> dict:
+    """Label Studio's own COCO export of the project (a zip holding result.json, or the JSON itself)."""
+    response = studio.api("GET", f"/api/projects/{project_id}/export", params={"exportType": "COCO"})
+    if response.content[:2] != b"PK":
+        return response.json()
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        [name] = [n for n in archive.namelist() if n.endswith(".json")]
+        return json.loads(archive.read(name))
+
+
+def test_polygon_project_in_the_browser(stack, photos):
+    """A project whose only target is PolygonLabels: a smart click gives a polygon region in the editor, and Label
+    Studio's COCO export of the submitted annotation holds that polygon."""
+    studio, backend = stack
+    project = studio.api("POST", "/api/projects", json={"title": "polygons", "label_config": POLYGON_CONFIG}).json()
+    path = photos["paths"][0]
+    with open(path, "rb") as f:
+        studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
+    [task] = studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"]
+    size = Image.open(path).size
+    x, y, w, h = photos["bbox"]
+
+    with chromium() as browser:
+        ui = LabelingUI(browser, studio.url, ARTEFACTS)
+        with ui.artefacts_on_failure("polygon-project"):
+            ui.log_in(*USER)
+            ui.connect_model(project["id"], "samlight", backend.url, '{"largest_only": true}')
+            ui.open_task(project["id"], task["id"])
+            ui.auto_annotation(True)  # "Keep label selected" stays off: see the annotation's check below
+            ui.choose_only_smart_tool()  # the smart keypoint: the config's one smart control
+            ui.page.keyboard.press("2")  # the keypoint control's label
+            assert ui.selected_labels()["point"] == ["Object"]
+            with ui.interactive_call() as click:
+                ui.click((x + w / 2) / size[0], (y + h / 2) / size[1])
+            assert "errors" not in click["answer"], click["answer"]
+            [region] = click["answer"]["data"]["result"]  # largest_only: one part, one polygon
+            assert (region["type"], region["from_name"]) == ("polygonlabels", "outline")
+            assert region["value"]["polygonlabels"] == ["Object"] and region["value"]["closed"] is True
+            assert ui.store()["suggestions"] == ["polygonregion"]
+            ui.accept_suggestions()
+            assert ui.store()["regions"] == ["polygonregion"]
+            ui.submit()
+
+    # the annotation holds the polygon alone (with "Keep label selected" on, Label Studio would also attach the
+    # still-selected keypoint label to it: a keypointlabels copy of the polygon, which its COCO export rejects)
+    [annotation] = studio.api("GET", f"/api/tasks/{task['id']}/annotations").json()
+    assert [r["type"] for r in annotation["result"]] == ["polygonlabels"]
+    coco = coco_export(studio, project["id"])
+    [annotation] = coco["annotations"]
+    # a config with KeyPointLabels gets Label Studio's keypoint-style category list ("default")
+    assert annotation["category_id"] in {c["id"] for c in coco["categories"]}
+    [segmentation] = annotation["segmentation"]
+    exported = np.array(segmentation).reshape(-1, 2)
+    answered = np.array(region["value"]["points"]) * np.array(size) / 100
+    assert exported.shape == answered.shape and np.allclose(exported, answered, atol=0.5)

@@ -12,6 +12,7 @@ from samlight.distill import TrainingSample, coco_dataset
 from samlight.eval import evaluate_samples, fidelity
 from samlight.eval.clicks import distance_to_boundary, farthest_point, next_click
 from samlight.eval.protocol import filled_box, size_class
+from samlight.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,28 @@ def test_point_protocol_and_programmatic_samples(test_student):
     # first click at the centre of each region, later clicks follow the errors
     assert 1 <= len(example.points[0]) <= 3 and example.labels[0][0] == 1
     assert mask[int(example.points[0][0][1]), int(example.points[0][0][0])]
+    assert result["chained"] is True
     boxes = evaluate_samples(test_student, samples, prompt="box", device="cpu")
     assert boxes["instances"] == 2 and 0.0 <= boxes["miou"] <= 1.0
     assert evaluate_samples("oracle", samples)["miou"] == 1.0
+
+
+def test_chained_clicks_feed_the_previous_mask_and_fidelity_follows_the_same_clicks(test_student, test_teacher,
+                                                                                    val_annotations):
+    """Chained: each click after the first gets the previous low-res logits (a different answer than decoding
+    the clicks afresh); the first click is the same either way. Fidelity per click: a model followed by itself
+    is perfect, by another model is not."""
+    samples = coco_dataset(val_annotations, val_annotations.parents[1] / "val2017", max_images=2)
+    predictor = Predictor(test_student, device="cpu")
+    chained = evaluate_samples(test_student, samples, "point", 3, predictor=predictor,
+                               teacher_predictor=Predictor(test_student, device="cpu"))
+    fresh = evaluate_samples(test_student, samples, "point", 3, predictor=predictor, chained=False)
+    assert chained["per_click_miou"][0] == fresh["per_click_miou"][0]
+    assert chained["per_click_miou"][1:] != fresh["per_click_miou"][1:]
+    assert chained["per_click_fidelity"] == [1.0, 1.0, 1.0] and "per_click_fidelity" not in fresh
+    other = evaluate_samples(test_student, samples, "point", 3, predictor=predictor,
+                             teacher_predictor=Predictor(test_teacher, device="cpu"))
+    assert len(other["per_click_fidelity"]) == 3 and max(other["per_click_fidelity"]) < 1.0
 
 
 def test_fidelity_of_a_model_to_itself_is_perfect(test_student, coco_val_images):
@@ -117,6 +137,22 @@ def test_cli_model_eval_writes_table_json_and_grid(val_annotations, tmp_path, ca
     assert result["fidelity"]["teacher"] == "random:vit_test:0" and result["fidelity"]["prompts"] == result["instances"]
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mask IoU vs teacher" in capsys.readouterr().out
+
+
+def test_cli_click_curve_both_ways(val_annotations, tmp_path, capsys):
+    out, curve = tmp_path / "r.json", tmp_path / "curve.png"
+    code = main(["eval", "--random", "lightening_test", "--coco", str(val_annotations), "--max-images", "2",
+                 "--prompt", "point", "--clicks", "3", "--teacher", "random:vit_test", "--json", str(out),
+                 "--curve", str(curve), "--device", "cpu", "--no-progress"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["chained"] is True and result["other_mode"]["chained"] is False
+    assert len(result["per_click_fidelity"]) == len(result["other_mode"]["per_click_fidelity"]) == 3
+    # fidelity under the prompt evaluated: the last click's, not a box prompt's
+    assert result["fidelity"]["mask_iou"] == result["per_click_fidelity"][-1]
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "mIoU per click (chained)" in printed and "mIoU per click (not chained)" in printed
 
 
 def test_cli_eval_at_int8_reports_agreement_with_fp32(val_annotations, tmp_path, capsys):

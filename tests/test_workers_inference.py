@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 from _workers_support import start_inference_worker, stop, wait_for_workers
 from serving.config import WorkerSettings
 from serving.images import ImageFetcher
-from serving.jobs import ObjectJob, SegmentJob
+from serving.jobs import ObjectJob, OutputSpec, SegmentJob
 from serving.labelstudio import rle_from_base64, rle_to_mask
 from testbed import FileServer, RedisServer
 from e2e.servers import ImageHost, make_jwt
@@ -94,6 +94,33 @@ def test_click_round_trip(fleet):
     summaries = [s for s in summaries if s and "error" not in s]
     assert summaries and all("rle_base64" not in s["objects"][0] and "score" in s["objects"][0]
                              and s["replied_to"].startswith("samlight:reply:click-") for s in summaries), summaries
+
+
+def test_worker_refines_a_click_and_answers_several_rectangles_with_every_output(fleet):
+    """The worker holding the image keeps each click's logits: the next click on the same object refines it;
+    several rectangles are answered in one job, in every output form, and an answered one is skipped."""
+    segmenter = fleet["segmenter"]
+    url = fleet["images"].file_url(fleet["names"][3])
+    key = fleet["fetcher"].image_key(url)
+
+    def run(*objects, output=OutputSpec()):
+        [result] = segmenter.segment([SegmentJob(image_url=url, image_key=key, objects=list(objects), output=output)])
+        assert "error" not in result, result
+        return result
+
+    first = run(ObjectJob(points=[[120.0, 90.0]], point_labels=[1], key="r1"))
+    worker = first["worker"]["name"]
+    second = run(ObjectJob(points=[[120.0, 90.0], [200.0, 90.0]], point_labels=[1, 0], key="r2", refine="r1"))
+    assert second["worker"]["name"] == worker and second["objects"][0]["refined"] is True
+    new = run(ObjectJob(points=[[300.0, 200.0], [310.0, 210.0]], point_labels=[1, 1], key="n2", refine="n1"))
+    assert new["objects"][0]["refined"] is False  # nothing kept under n1: a new object
+    boxes = [[10.0, 10.0, 200.0, 200.0], [300.0, 100.0, 500.0, 300.0], [50.0, 250.0, 250.0, 400.0]]
+    several = [ObjectJob(box=b, key=f"box-{i}", skip_answered=True) for i, b in enumerate(boxes)]
+    result = run(*several[:2], output=OutputSpec(polygon=True, box=True, min_area=100))
+    assert all({"rle_base64", "polygons", "box", "score"} <= set(o) for o in result["objects"])
+    again = run(*several, output=OutputSpec(brush=False, polygon=True, min_area=100))
+    assert [("skipped" in o) for o in again["objects"]] == [True, True, False]
+    assert "rle_base64" not in again["objects"][2] and again["objects"][2]["polygons"]
 
 
 def test_routing_reuses_embeddings_across_workers(fleet):

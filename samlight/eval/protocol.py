@@ -95,23 +95,48 @@ def _box_prompt(predictor: Predictor, embedding, instances: list[Instance], shap
     return out
 
 
-def _click_prompts(predictor: Predictor, embedding, instances: list[Instance], clicks: int):
-    """Masks after each round of clicks (rounds x instances), and the clicks themselves."""
+def _decode_clicks(predictor: Predictor, embedding, coords, labs, previous: list | None):
+    """Best masks and their low-res logits for K click sets; ``previous``: the last round's logits (chained)."""
+    if previous is None:  # a first click is ambiguous: three candidates, the best by predicted IoU
+        return _best(predictor.predict_embedding(embedding, coords, labs, multimask_output=True))
+    return _best(predictor.predict_embedding(embedding, coords, labs, mask_input=np.stack(previous),
+                                             multimask_output=False))
+
+
+def _click_prompts(predictor: Predictor, embedding, instances: list[Instance], clicks: int, chained: bool = True,
+                   teacher: tuple[Predictor, object] | None = None):
+    """Masks after each round of clicks (rounds x instances), the teacher's masks for the same clicks (when a
+    ``(teacher predictor, teacher embedding)`` is given), and the clicks themselves.
+
+    Each click after the first goes where the model's current mask is most wrong. ``chained``: as SAM was
+    trained and as the backend serves, each click also gets the model's previous low-res logits as
+    ``mask_input`` (one output); otherwise every round decodes all clicks afresh (three candidates, the best).
+    The teacher follows the same clicks, chained on its own logits."""
     points = [[farthest_point(i.mask)] for i in instances]
     labels = [[1] for _ in instances]
     active = [p[0] is not None for p in points]
     shape = instances[0].mask.shape
     current = [np.zeros(shape, dtype=bool) for _ in instances]
-    rounds = []
+    followed = [np.zeros(shape, dtype=bool) for _ in instances]
+    logits: list = [None] * len(instances)
+    teacher_logits: list = [None] * len(instances)
+    rounds, teacher_rounds = [], []
     for round_index in range(clicks):
         todo = [i for i, a in enumerate(active) if a]
         if todo:
             coords = np.stack([np.array(points[i]) for i in todo])
             labs = np.stack([np.array(labels[i]) for i in todo])
-            masks, _ = _best(predictor.predict_embedding(embedding, coords, labs, multimask_output=True))
+            previous = [logits[i] for i in todo] if chained and round_index else None
+            masks, low_res = _decode_clicks(predictor, embedding, coords, labs, previous)
             for j, i in enumerate(todo):
-                current[i] = masks[j]
+                current[i], logits[i] = masks[j], low_res[j]
+            if teacher is not None:
+                previous = [teacher_logits[i] for i in todo] if chained and round_index else None
+                masks, low_res = _decode_clicks(*teacher, coords, labs, previous)
+                for j, i in enumerate(todo):
+                    followed[i], teacher_logits[i] = masks[j], low_res[j]
         rounds.append(list(current))
+        teacher_rounds.append(list(followed))
         if round_index + 1 == clicks:
             break
         for i in todo:
@@ -122,16 +147,19 @@ def _click_prompts(predictor: Predictor, embedding, instances: list[Instance], c
             points[i].append(click[0])
             labels[i].append(click[1])
     clicked = [np.array(p) if p[0] is not None else np.zeros((0, 2)) for p in points]
-    return rounds, clicked, [np.array(l) for l in labels]
+    return rounds, teacher_rounds if teacher is not None else None, clicked, [np.array(l) for l in labels]
 
 
 def evaluate_samples(model: Sam | str, samples: list[TrainingSample], prompt: str = "box", clicks: int = 1,
                      device: str | None = None, keep_examples: int = 0, progress: bool = False,
-                     predictor: Predictor | None = None) -> dict:
+                     predictor: Predictor | None = None, chained: bool = True,
+                     teacher_predictor: Predictor | None = None) -> dict:
     """mIoU of ``model`` (a ``Sam`` or a baseline name) over every GT instance of ``samples``.
 
     Returns ``{"miou", "instances", "images", "by_size": {small|medium|large: {"miou", "instances"}},
-    "per_click_miou" (point prompts), "seconds", "examples" (ImageResults of the first images)}``.
+    "per_click_miou" and "chained" (point prompts), "per_click_fidelity" (point prompts with a
+    ``teacher_predictor``: mask IoU to the teacher given the same clicks), "seconds", "examples" (ImageResults
+    of the first images)}``.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
@@ -146,6 +174,7 @@ def evaluate_samples(model: Sam | str, samples: list[TrainingSample], prompt: st
     ious: list[float] = []
     classes: list[str] = []
     per_click: list[list[float]] = []
+    per_click_fidelity: list[list[float]] = []
     examples: list[ImageResult] = []
     images = 0
     from tqdm import tqdm
@@ -171,7 +200,17 @@ def evaluate_samples(model: Sam | str, samples: list[TrainingSample], prompt: st
             if prompt == "box":
                 rounds = [_box_prompt(predictor, embedding, instances, shape)]
             else:
-                rounds, points, labels = _click_prompts(predictor, embedding, instances, clicks)
+                teacher = None
+                if teacher_predictor is not None:
+                    teacher = (teacher_predictor, teacher_predictor.embed(image, sample.key))
+                rounds, teacher_rounds, points, labels = _click_prompts(predictor, embedding, instances, clicks,
+                                                                        chained, teacher)
+                for r, (masks, followed) in enumerate(zip(rounds, teacher_rounds or [])):
+                    while len(per_click_fidelity) <= r:
+                        per_click_fidelity.append([])
+                    per_click_fidelity[r].extend(mask_iou(a, b) for a, b in zip(masks, followed))
+                if teacher_predictor is not None:
+                    teacher_predictor.cache.clear()
             predictor.cache.clear()  # evaluation never revisits an image
         final = rounds[-1]
         image_ious = [mask_iou(m, i.mask) for m, i in zip(final, instances)]
@@ -190,7 +229,10 @@ def evaluate_samples(model: Sam | str, samples: list[TrainingSample], prompt: st
     result.update({"images": images, "prompt": prompt, "seconds": time.perf_counter() - started, "examples": examples})
     if prompt == "point":
         result["clicks"] = clicks
+        result["chained"] = chained
         result["per_click_miou"] = [float(np.mean(v)) for v in per_click]
+        if per_click_fidelity:
+            result["per_click_fidelity"] = [float(np.mean(v)) for v in per_click_fidelity]
     return result
 
 

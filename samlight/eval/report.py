@@ -21,11 +21,21 @@ def table(result: dict) -> str:
         value = "-" if part["miou"] is None else f"{part['miou']:.4f}"
         rows.append((f"mIoU {name}", f"{value}  ({part['instances']})"))
     if result.get("per_click_miou"):
-        rows.append(("mIoU per click", " ".join(f"{v:.3f}" for v in result["per_click_miou"])))
+        mode = "chained" if result.get("chained") else "not chained"
+        rows.append((f"mIoU per click ({mode})", " ".join(f"{v:.3f}" for v in result["per_click_miou"])))
+        if result.get("per_click_fidelity"):
+            rows.append(("IoU vs teacher per click", " ".join(f"{v:.3f}" for v in result["per_click_fidelity"])))
+    other = result.get("other_mode")
+    if other:
+        mode = "chained" if other.get("chained") else "not chained"
+        rows.append((f"mIoU per click ({mode})", " ".join(f"{v:.3f}" for v in other["per_click_miou"])))
+        if other.get("per_click_fidelity"):
+            rows.append((f"IoU vs teacher ({mode})", " ".join(f"{v:.3f}" for v in other["per_click_fidelity"])))
     fid = result.get("fidelity")
     if fid:
         rows.append(("teacher", str(fid.get("teacher"))))
-        rows.append(("mask IoU vs teacher", f"{fid['mask_iou']:.4f}  ({fid['prompts']} prompts)"))
+        rows.append(("mask IoU vs teacher", f"{fid['mask_iou']:.4f}  ({fid['prompts']} prompts: "
+                                            f"{fid.get('mask_iou_prompt', 'box')})"))
         rows.append(("embedding cosine", f"{fid['embedding_cosine']:.4f}"))
         rows.append(("embedding rel. MSE", f"{fid['embedding_rel_mse']:.4f}"))
     same = result.get("vs_fp32")
@@ -75,4 +85,34 @@ def example_grid(examples: list[ImageResult], path: str | os.PathLike, title: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def click_curve(results: dict[bool, dict], path: str | os.PathLike, title: str = "") -> None:
+    """mIoU (and IoU to the teacher) after each click, chained (previous mask as input) and not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for chained, result in sorted(results.items(), reverse=True):
+        mode = "chained" if chained else "not chained"
+        clicks = range(1, len(result["per_click_miou"]) + 1)
+        ax.plot(clicks, result["per_click_miou"], marker="o", linestyle="-" if chained else "--",
+                color="tab:blue", label=f"mIoU to ground truth, {mode}")
+        if result.get("per_click_fidelity"):
+            ax.plot(clicks, result["per_click_fidelity"], marker="s", linestyle="-" if chained else "--",
+                    color="tab:orange", label=f"IoU to the teacher, {mode}")
+    ax.set_xlabel("click")
+    ax.set_ylabel("IoU")
+    ax.set_xticks(list(clicks))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -125,6 +125,11 @@ class LabelingUI:
                 return presses
         raise AssertionError(f"Auto-Detect never selected the smart {tool}: {self.active_tools()}")
 
+    def choose_only_smart_tool(self) -> None:
+        """A config with one smart control has one smart tool: the Auto-Detect button is that tool (unnamed)."""
+        self.page.locator("button.lsf-tool_smart").first.click()
+        assert any(tool.endswith("(smart)") for tool in self.active_tools()), self.active_tools()
+
     def selected_labels(self) -> dict[str, list[str]]:
         return self.evaluate("() => Object.fromEntries([...window.Htx.annotationStore.selected.names.values()]"
                              ".filter(c => c.selectedLabels).map(c => [c.name, c.selectedLabels.map(l => l.value)]))")
