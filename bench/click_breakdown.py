@@ -11,11 +11,17 @@ brush with the default clean-up, polygons, the tight box, all three), times the 
 4. ``flask``: ``POST /predict`` through the backend app in process (Label Studio's JSON in and out, no socket).
 
 Random weights give noise masks (thousands of specks): the worst case for clean-up and contours. So the
-outputs are also timed on COCO's ground-truth masks (``--coco``), the shapes real masks have. The load test
+outputs are also timed on COCO's ground-truth masks (``--coco``), the shapes real masks have: the outputs step
+of a click (the mask on the model's device) for each output type, and the host steps alone. The load test
 adds the socket and gunicorn on top of 4. Prints a table and writes JSON (``--out``).
+
+``--in-process`` times 1 and 2 only, with the model in this process (the embedded backend's path, and what a
+worker does inside its job; no Redis, no HTTP), plus a refining click (the previous logits as ``mask_input``)
+and three rectangles in one job.
 
     python bench/click_breakdown.py --redis-server .redis-bin/redis-server --images .loadtest-images \\
         --gpu 0 [--random lightening_t | --checkpoint DIR] --out OUT.json
+    python bench/click_breakdown.py --in-process --images DIR --gpu 0 --out OUT.json
 """
 
 from __future__ import annotations
@@ -75,25 +81,39 @@ def variants() -> dict[str, tuple[dict, dict]]:
             "all three + clean-up": ({"polygon": True, "box": True, "min_area": area}, {})}
 
 
-def coco_outputs(coco: Path, limit: int = 200) -> dict[str, float]:
-    """p50 ms of the host-side outputs on real object masks (COCO val ground truth, at the photos' size)."""
+def coco_outputs(coco: Path, device: str, limit: int = 200) -> dict[str, float]:
+    """p50 ms of the outputs step on real object masks (COCO val ground truth, at the photos' size): each output
+    type as a click runs it (the mask on the model's device, copied to the host for clean-up and contours,
+    the brush encoded on the device), and the host steps alone."""
+    import torch
     from pycocotools.coco import COCO
 
     from serving import outputs
+    from serving.jobs import OutputSpec, _outputs
     from serving.options import ProjectOptions
 
     api = COCO(str(coco / "annotations" / "instances_val2017.json"))
     masks = [api.annToMask(a).astype(bool) for a in api.loadAnns(api.getAnnIds(iscrowd=False))[:limit]]
     defaults = ProjectOptions()
-    steps = {"clean-up": lambda m: outputs.clean(m, defaults.min_area, False),
-             "polygons": lambda m: outputs.polygons(m, defaults.polygon_tolerance, defaults.min_area, False),
-             "tight box": outputs.tight_box}
+    steps = {"host: clean-up": lambda m: outputs.clean(m, defaults.min_area, False),
+             "host: polygons": lambda m: outputs.polygons(m, defaults.polygon_tolerance, defaults.min_area, False),
+             "host: tight box": outputs.tight_box}
+    on_device = [torch.from_numpy(m).to(device) for m in masks]
+    for name, (output, _) in variants().items():
+        steps[f"click: {name}"] = lambda m, o=OutputSpec(**output): _outputs(m, o)
     result = {}
     for name, step in steps.items():
+        inputs = on_device if name.startswith("click") else masks
+        for mask in inputs[:5]:
+            step(mask)  # warm-up
         times = []
-        for mask in masks:
+        for mask in inputs:
+            if device != "cpu":
+                torch.cuda.synchronize()
             started = time.perf_counter()
             step(mask)
+            if device != "cpu":
+                torch.cuda.synchronize()
             times.append((time.perf_counter() - started) * 1000)
         result[name] = p50(times)
     result["masks"] = len(masks)
@@ -106,7 +126,8 @@ def p50(values: list[float]) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--redis-server", required=True)
+    parser.add_argument("--redis-server", help="path of redis-server (not with --in-process)")
+    parser.add_argument("--in-process", action="store_true", help="the model in this process: no Redis, no HTTP")
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--gpu", default="-1", help="worker device: GPU index, -1 for the CPU")
     model = parser.add_mutually_exclusive_group()
@@ -116,7 +137,103 @@ def main(argv=None) -> int:
     parser.add_argument("--coco", type=Path, default=Path(os.environ.get("SAMLIGHT_COCO_TINY", REPO.parent / "shared/data/coco_tiny")))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    rows = in_process(args) if args.in_process else over_rq(args)
+    device = "cpu" if args.gpu == "-1" else f"cuda:{args.gpu}"
+    report = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(args),
+              "p50_ms": rows, "coco_outputs_p50_ms": coco_outputs(args.coco, device) if args.coco.is_dir() else None}
+    try:
+        import torch
 
+        report["device"] = torch.cuda.get_device_name(0) if args.gpu != "-1" else "cpu"
+    except Exception:  # noqa: BLE001
+        report["device"] = "unknown"
+    print(f"cached click, p50 ms, {report['device']} ({args.random or args.checkpoint}: noise masks)")
+    columns = [c for c in ("decoder", "outputs", "job", "rq_round_trip", "flask_predict", "answer_bytes")
+               if any(c in row for row in rows.values())]
+    print(f"{'output':28s}" + "".join(f"{c:>15s}" for c in columns))
+    for variant, row in rows.items():
+        print(f"{variant:28s}" + "".join(f"{row.get(c, float('nan')):15.2f}" for c in columns))
+    if report["coco_outputs_p50_ms"]:
+        coco = report["coco_outputs_p50_ms"]
+        print(f"outputs step on {coco['masks']} COCO ground-truth masks, p50 ms:")
+        for name, value in coco.items():
+            if name != "masks":
+                print(f"  {name:34s} {value:8.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def in_process(args) -> dict[str, dict]:
+    """decoder and outputs per output type, with the model in this process (``serving.jobs.execute``)."""
+    import torch
+
+    from samlight.image_io import load_image
+    from samlight.models import ModelSpec
+    from samlight.predictor import Predictor
+    from serving.jobs import ObjectJob, OutputSpec, SegmentJob, execute
+    from serving.refinement import MaskMemory
+
+    device = "cpu" if args.gpu == "-1" else f"cuda:{args.gpu}"
+    spec = ModelSpec.either(args.checkpoint, None if args.checkpoint else args.random)
+    predictor = Predictor(spec.load(), device=device)
+    name = sorted(p.name for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
+    image = load_image(args.images / name)
+
+    class Local:
+        def fetch(self, url):
+            return image
+
+    height, width = image.shape[:2]
+    predictor.embed(image, key="img")
+    memory = MaskMemory()
+
+    def point(i: int, **fields) -> ObjectJob:
+        return ObjectJob(points=[[(20.0 + 7 * i) % width, height / 2]], point_labels=[1], **fields)
+
+    def timed(objects, output: dict) -> dict:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = execute(SegmentJob("u", "img", objects, output=OutputSpec(**output)), predictor, Local(),
+                         memory=memory)
+        result["timings_ms"]["job"] = (time.perf_counter() - started) * 1000
+        return result["timings_ms"]
+
+    cases = {name: (lambda i, o=output: timed([point(i)], o)) for name, (output, _) in variants().items()}
+    refine = dict(variants()["brush + clean-up"][0])
+
+    def refined(i: int) -> dict:
+        timed([point(i, key=f"first{i}")], refine)
+        second = ObjectJob(points=[[(20.0 + 7 * i) % width, height / 2], [(40.0 + 7 * i) % width, height / 3]],
+                           point_labels=[1, 0], key=f"second{i}", refine=f"first{i}")
+        return timed([second], refine)
+
+    def two_clicks(i: int) -> dict:  # the same second click, decoded afresh (the CUDA-graph path)
+        second = ObjectJob(points=[[(20.0 + 7 * i) % width, height / 2], [(40.0 + 7 * i) % width, height / 3]],
+                           point_labels=[1, 0])
+        return timed([second], refine)
+
+    def rectangles(i: int) -> dict:
+        boxes = [[10.0 + i % 5, 10.0, 200.0, 200.0], [300.0, 100.0, 500.0, 300.0], [50.0, 250.0, 250.0, 400.0]]
+        return timed([ObjectJob(box=b) for b in boxes], refine)
+
+    cases.update({"2nd click, afresh": two_clicks, "2nd click, refined": refined,
+                  "3 rectangles, one job": rectangles})
+    rows = {}
+    for label, case in cases.items():
+        for i in range(5):  # warm-up: graphs captured, allocator settled
+            case(i)
+        runs = [case(i) for i in range(args.clicks)]
+        rows[label] = {key: p50([r[key] for r in runs]) for key in ("mask", "outputs", "job")}
+        rows[label]["decoder"] = rows[label].pop("mask")
+    return rows
+
+
+def over_rq(args) -> dict[str, dict]:
+    """decoder, outputs, the RQ round trip and the backend's /predict per output type."""
+    if not args.redis_server:
+        raise SystemExit("--redis-server is required (or --in-process)")
     scratch = Path(tempfile.mkdtemp(prefix="samlight-breakdown-"))
     # the image server runs on loopback, which the fetcher refuses unless allowed
     env = dict(os.environ, LOG_LEVEL="WARNING", MODEL_DIR=str(scratch / "models"), SAMLIGHT_FETCH_ALLOW="127.0.0.1")
@@ -175,26 +292,7 @@ def main(argv=None) -> int:
             process.wait(timeout=30)
         redis.stop()
 
-    report = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(args),
-              "p50_ms": rows, "coco_outputs_p50_ms": coco_outputs(args.coco) if args.coco.is_dir() else None}
-    try:
-        import torch
-
-        report["device"] = torch.cuda.get_device_name(0) if args.gpu != "-1" else "cpu"
-    except Exception:  # noqa: BLE001
-        report["device"] = "unknown"
-    print(f"cached click, p50 ms, {report['device']} ({args.random or args.checkpoint}: noise masks)")
-    print(f"{'output':22s} {'decoder':>8s} {'outputs':>8s} {'RQ trip':>8s} {'/predict':>9s} {'answer':>9s}")
-    for variant, row in rows.items():
-        print(f"{variant:22s} {row['decoder']:8.2f} {row['outputs']:8.2f} {row['rq_round_trip']:8.2f} "
-              f"{row['flask_predict']:9.2f} {int(row['answer_bytes']):>8d}B")
-    if report["coco_outputs_p50_ms"]:
-        coco = report["coco_outputs_p50_ms"]
-        print(f"on {coco['masks']} COCO ground-truth masks (host): " +
-              ", ".join(f"{k} {v:.2f} ms" for k, v in coco.items() if k != "masks"))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The decoder is ~150 small kernels: launched one by one from Python they cost milliseconds of CPU time
 for ~0.1 ms of GPU work. A click always has the same shapes for a given signature (number of prompts,
-points per prompt, box or not, multimask or not), so each signature is captured once and replayed.
+points per prompt, box or not, multimask or not, the previous mask or not), so each signature is captured
+once and replayed.
 
 In bf16 the mask decoder runs on its own bf16 copy of the weights: autocast inside a graph cannot cache
 its casts, and re-casting every weight on every replay was a quarter of the decoder's GPU time.
@@ -17,11 +18,11 @@ from collections import OrderedDict
 import torch
 from segment_anything.modeling import PromptEncoder, Sam
 
-Signature = tuple[int, int, bool, bool]  # prompts, points per prompt (0 = none), box?, multimask?
+Signature = tuple[int, int, bool, bool, bool]  # prompts, points per prompt (0 = none), box?, multimask?, mask?
 
 
-def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes) -> tuple[torch.Tensor, torch.Tensor]:
-    """``PromptEncoder.forward`` for points and boxes, without its boolean-mask indexing.
+def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes, masks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``PromptEncoder.forward`` for points, boxes and masks (K, 1, 256, 256), without its boolean-mask indexing.
 
     ``point_embedding[labels == -1] = ...`` needs the number of matches on the host (a sync), which a
     CUDA graph cannot capture; ``torch.where`` computes the same values on the device.
@@ -41,6 +42,8 @@ def embed_prompts(prompt_encoder: PromptEncoder, coords, labels, boxes) -> tuple
     if boxes is not None:
         parts.append(prompt_encoder._embed_boxes(boxes))
     sparse = torch.cat(parts, dim=1)
+    if masks is not None:
+        return sparse, prompt_encoder._embed_masks(masks)
     height, width = prompt_encoder.image_embedding_size
     dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(sparse.shape[0], -1, height, width)
     return sparse, dense
@@ -57,8 +60,8 @@ class GraphedPromptDecoder:
         self._graphs: OrderedDict[Signature, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _decode(self, features, dense_pe, coords, labels, boxes, multimask):
-        sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, boxes)
+    def _decode(self, features, dense_pe, coords, labels, boxes, masks, multimask):
+        sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, boxes, masks)
         low_res, iou = self.mask_decoder(
             image_embeddings=features,
             image_pe=dense_pe,
@@ -69,7 +72,7 @@ class GraphedPromptDecoder:
         return low_res.float(), iou.float()
 
     def _capture(self, signature: Signature, features: torch.Tensor):
-        prompts, points, has_box, multimask = signature
+        prompts, points, has_box, multimask, has_mask = signature
         device = features.device
         # every tensor the graph reads from outside its own pool lives here, as long as the graph: the graph
         # holds raw addresses, and a freed input's memory would be handed to other tensors
@@ -80,9 +83,11 @@ class GraphedPromptDecoder:
             "coords": torch.zeros(prompts, points, 2, device=device) if points else None,
             "labels": torch.ones(prompts, points, device=device, dtype=torch.int) if points else None,
             "boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device).repeat(prompts, 1) if has_box else None,
+            "masks": torch.zeros(prompts, 1, *self.model.prompt_encoder.mask_input_size, device=device)
+            if has_mask else None,
         }
         args = (static["features"], static["dense_pe"], static["coords"], static["labels"], static["boxes"],
-                multimask)
+                static["masks"], multimask)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -95,10 +100,13 @@ class GraphedPromptDecoder:
         return graph, static, outputs
 
     @torch.inference_mode()
-    def __call__(self, features, coords, labels, boxes, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C), cloned out of the graph."""
+    def __call__(self, features, coords, labels, boxes, multimask: bool,
+                 masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C), cloned out of the graph; ``masks``:
+        the previous click's low-res logits (K, 1, 256, 256), SAM's mask input."""
         prompts = (coords if coords is not None else boxes).shape[0]
-        signature = (prompts, 0 if coords is None else coords.shape[1], boxes is not None, multimask)
+        signature = (prompts, 0 if coords is None else coords.shape[1], boxes is not None, multimask,
+                     masks is not None)
         with self._lock:
             entry = self._graphs.get(signature)
             if entry is None:
@@ -113,5 +121,7 @@ class GraphedPromptDecoder:
                 static["labels"].copy_(labels)
             if boxes is not None:
                 static["boxes"].copy_(boxes)
+            if masks is not None:
+                static["masks"].copy_(masks)
             graph.replay()
             return low_res.clone(), iou.clone()

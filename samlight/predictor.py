@@ -227,12 +227,12 @@ class Predictor:
         coords = to_tensor(self.transform.apply_coords(points, size)) if points is not None else None
         labels = to_tensor(labels, torch.int) if points is not None else None
         boxes = to_tensor(self.transform.apply_boxes(boxes, size)) if boxes is not None else None
-        if self.graphed_decoder is not None and mask_input is None:
-            low_res, iou = self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output)
+        mask_arg = to_tensor(mask_input) if mask_input is not None else None
+        if mask_arg is not None and mask_arg.dim() == 3:
+            mask_arg = mask_arg[:, None]
+        if self.graphed_decoder is not None:
+            low_res, iou = self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output, mask_arg)
         else:
-            mask_arg = to_tensor(mask_input) if mask_input is not None else None
-            if mask_arg is not None and mask_arg.dim() == 3:
-                mask_arg = mask_arg[:, None]
             with self._precision():
                 sparse, dense = self.model.prompt_encoder(
                     points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg

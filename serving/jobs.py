@@ -193,7 +193,7 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
     memory = memory if memory is not None else MaskMemory(0)
     answers: list[dict | None] = [None] * len(job.objects)
     # objects whose prompts have the same shape share one decoder call (several rectangles: one call)
-    groups: dict[tuple, list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, Any]]] = {}
+    groups: dict[tuple, list[tuple]] = {}  # shape -> (index, points, labels, box, previous logits) of each object
     for index, item in enumerate(job.objects):
         if item.skip_answered and item.key in memory:
             answers[index] = {"skipped": "answered"}
@@ -205,12 +205,13 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
         groups.setdefault(shape, []).append((index, points, labels, box, previous))
     decoded = []
     start = time.perf_counter()
-    for (_, has_box, refined, multimask), members in groups.items():
+    for (_, _, refined, multimask), members in groups.items():
         try:
             masks, scores, low_res = predictor.predict_best(embedding, *_stacked(members), multimask_output=multimask)
         except ValueError as error:
             raise JobError(f"bad prompt: {error}") from None
-        decoded += [(index, masks[k], scores[k], low_res[k], refined) for k, (index, *_) in enumerate(members)]
+        # each object's logits are kept apart from the batch's (a view would keep the whole batch alive)
+        decoded += [(index, masks[k], scores[k], low_res[k].clone(), refined) for k, (index, *_) in enumerate(members)]
     timings["mask"] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
     for index, mask, score, logits, refined in decoded:

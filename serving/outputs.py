@@ -10,23 +10,53 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from segment_anything.utils.amg import remove_small_regions
 
 MAX_POLYGON_PARTS = 100  # a noisy mask can have thousands of specks; an annotator never wants them all
 
 
 def clean(mask: np.ndarray, min_area: int, largest_only: bool) -> np.ndarray:
-    """Fill holes and remove islands smaller than ``min_area`` pixels (SAM's own post-processing), and keep only
-    the largest connected part if asked. An empty mask stays empty; a mask of only small specks keeps its
-    largest one (as ``remove_small_regions`` does)."""
+    """Fill holes and remove islands smaller than ``min_area`` pixels, and keep only the largest connected part
+    if asked. An empty mask stays empty; a mask of only small specks keeps its largest one.
+
+    The result of ``segment_anything.utils.amg.remove_small_regions`` (holes, then islands; tested equal),
+    faster: the parts are labelled within the mask's bounding box only, and the parts to keep are looked up
+    in a table (that function lists them in Python, quadratic in their number: a noisy mask's thousands of
+    specks take it hundreds of milliseconds)."""
+    box = tight_box(mask)
+    if box is None or (min_area <= 0 and not largest_only):
+        return mask
+    x0, y0, x1, y1 = (int(v) for v in box)
+    height, width = mask.shape
+    mask = mask.copy()
     if min_area > 0:
-        mask, _ = remove_small_regions(mask, min_area, mode="holes")
-        mask, _ = remove_small_regions(mask, min_area, mode="islands")
-    if largest_only and mask.any():
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-        if count > 2:
-            mask = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        # a background part that touches the box's edge joins the background outside it, which is larger than
+        # min_area when the box leaves the image's edges and enough pixels around it: then only the box (and a
+        # one-pixel ring of that background) needs labelling, else the whole image
+        inside = x0 > 0 and y0 > 0 and x1 < width and y1 < height and height * width - (x1 - x0) * (y1 - y0) >= min_area
+        window = (slice(y0 - 1, y1 + 1), slice(x0 - 1, x1 + 1)) if inside else (slice(None), slice(None))
+        labels, sizes = _parts(~mask[window])
+        small = sizes < min_area
+        small[0] = False  # the mask itself
+        if inside:
+            small[labels[0, 0]] = False  # the ring: the background outside the box
+        if small.any():
+            mask[window] |= small[labels]
+    crop = mask[y0:y1, x0:x1]  # every island lies within the box
+    labels, sizes = _parts(crop)
+    keep = sizes >= min_area
+    keep[0] = False  # the background
+    if largest_only or not keep.any():
+        keep[:] = False
+        keep[1 + int(np.argmax(sizes[1:]))] = True
+    if not keep[1:].all():
+        mask[y0:y1, x0:x1] = keep[labels]
     return mask
+
+
+def _parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The label image of a bool mask's 8-connected parts (0: outside them) and each label's pixel count."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
+    return labels, stats[:, cv2.CC_STAT_AREA]
 
 
 def polygons(mask: np.ndarray, tolerance: float, min_area: int, largest_only: bool) -> list[list[list[float]]]:

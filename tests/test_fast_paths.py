@@ -10,16 +10,18 @@ import torch
 from samlight.graphed_decoder import embed_prompts
 
 
-@pytest.mark.parametrize("with_points,with_box", [(True, False), (True, True), (False, True)])
-def test_graph_safe_prompt_embedding_equals_segment_anything(test_student, with_points, with_box):
+@pytest.mark.parametrize("with_points,with_box,with_mask", [(True, False, False), (True, True, False),
+                                                             (False, True, False), (True, False, True)])
+def test_graph_safe_prompt_embedding_equals_segment_anything(test_student, with_points, with_box, with_mask):
     encoder = test_student.prompt_encoder
     g = torch.Generator().manual_seed(1)
     coords = torch.rand(3, 4, 2, generator=g) * 256 if with_points else None
     labels = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.int) if with_points else None
     boxes = torch.tensor([[10.0, 20.0, 100.0, 200.0]] * 3) if with_box else None
+    masks = torch.randn(3, 1, *encoder.mask_input_size, generator=g) if with_mask else None
     with torch.no_grad():
-        expected = encoder(points=(coords, labels) if with_points else None, boxes=boxes, masks=None)
-        actual = embed_prompts(encoder, coords, labels, boxes)
+        expected = encoder(points=(coords, labels) if with_points else None, boxes=boxes, masks=masks)
+        actual = embed_prompts(encoder, coords, labels, boxes, masks)
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         assert torch.allclose(a, e, atol=1e-6)
@@ -54,6 +56,31 @@ def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
             expected_low, expected_iou = model.mask_decoder(
                 image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        assert torch.allclose(low_res, expected_low, atol=1e-3), step
+        assert torch.allclose(iou, expected_iou, atol=1e-4), step
+
+
+@needs_cuda
+def test_graphed_decoder_with_the_previous_mask_equals_eager(test_student):
+    """A refining click (the previous low-res logits as mask input) replays its own graph, SAM's numbers."""
+    from samlight.graphed_decoder import GraphedPromptDecoder
+
+    model = copy.deepcopy(test_student).cuda().eval()
+    graphed = GraphedPromptDecoder(model, autocast=False)
+    height, width = model.prompt_encoder.image_embedding_size
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for step in range(3):
+        features = torch.randn(1, 256, height, width, device="cuda", generator=g)
+        coords = torch.rand(2, 3, 2, device="cuda", generator=g) * model.image_encoder.img_size
+        labels = torch.tensor([[1, 0, 1], [1, 1, 0]], device="cuda", dtype=torch.int)
+        masks = torch.randn(2, 1, *model.prompt_encoder.mask_input_size, device="cuda", generator=g) * 4
+        low_res, iou = graphed(features, coords, labels, None, False, masks)
+        _churn(masks)
+        with torch.inference_mode():
+            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+            expected_low, expected_iou = model.mask_decoder(
+                image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
         assert torch.allclose(low_res, expected_low, atol=1e-3), step
         assert torch.allclose(iou, expected_iou, atol=1e-4), step
 

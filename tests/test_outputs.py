@@ -70,6 +70,25 @@ def test_clean_up_fills_small_holes_removes_small_islands_and_keeps_the_largest(
     assert len(outputs.polygons(mask, 1.0, min_area=0, largest_only=False)) == 3
 
 
+def test_clean_up_is_segment_anythings_remove_small_regions(coco_masks):
+    """The linear-time clean-up gives what SAM's own post-processing gives (holes, then islands), on real
+    object masks and on noise (a random-weight model's masks: thousands of specks)."""
+    from segment_anything.utils.amg import remove_small_regions
+
+    rng = np.random.default_rng(0)
+    noise = [rng.random((96, 128)) < rng.uniform(0.2, 0.8) for _ in range(10)]
+    framed = np.zeros((100, 100), bool)  # the box leaves a one-pixel frame: less background around it than
+    framed[1:99, 1:99] = rng.random((98, 98)) < 0.9  # min_area=5000 (the whole image is labelled then)
+    patch = np.zeros((100, 100), bool)  # specks near a corner and an edge
+    patch[:30, :30] = rng.random((30, 30)) < 0.5
+    patch[60:70, 95:] = True
+    for mask in [m for m, _ in coco_masks[:20]] + noise + [framed, patch]:
+        for min_area in (1, 8, 100, 5000):
+            expected, _ = remove_small_regions(mask, min_area, mode="holes")
+            expected, _ = remove_small_regions(expected, min_area, mode="islands")
+            assert np.array_equal(outputs.clean(mask, min_area, largest_only=False), expected), min_area
+
+
 def test_regions_are_label_studio_results():
     answer = {"polygons": [[[10.5, 20.5], [30.5, 20.5], [30.5, 40.5]]], "box": [10.0, 20.0, 30.0, 40.0]}
     [polygon] = regions("polygon", "poly", "image", 200, 100, answer, ["Car"], 0.8)
