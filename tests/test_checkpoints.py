@@ -27,6 +27,7 @@ def official_vit_b(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 def test_official_checkpoint_loads_back(official_vit_b):
     model, path = official_vit_b
     loaded = load_sam_checkpoint(path)  # kind inferred from the patch embedding width

@@ -155,6 +155,7 @@ def test_cli_click_curve_both_ways(val_annotations, tmp_path, capsys):
     assert "mIoU per click (chained)" in printed and "mIoU per click (not chained)" in printed
 
 
+@pytest.mark.slow
 def test_cli_eval_at_int8_reports_agreement_with_fp32(val_annotations, tmp_path, capsys):
     from samlight.modeling.int8_linear import available
 

@@ -177,6 +177,14 @@ def test_backend_app_over_rq(fleet, monkeypatch):
     fetches = [h for method, path, h in host.requests if path == f"/data/upload/{name}"]
     assert fetches and all(h.get("Authorization", "").startswith("Bearer ") for h in fetches)
     assert any(path == "/api/token/refresh/" for _, path, _ in host.requests)
+    # a polygon and box project over RQ: the worker computes the outputs, the backend writes the regions
+    config = SMART_CONFIG.replace("</View>", '<PolygonLabels name="outline" toName="image"><Label value="Object"/>'
+                                             '</PolygonLabels><RectangleLabels name="bbox" toName="image">'
+                                             '<Label value="Object"/></RectangleLabels></View>')
+    answer = client.post("/predict", json={**body, "label_config": config, "extra_params": {
+        "outputs": ["polygon", "box"], "largest_only": True}}).get_json()["results"][0]["result"]
+    assert sorted(r["type"] for r in answer) == ["polygonlabels", "rectanglelabels"]
+    assert all(len(r["value"]["points"]) >= 3 for r in answer if r["type"] == "polygonlabels")
     event = {"action": "ANNOTATION_CREATED", "task": task, "project": {"id": 1},
              "annotation": {"id": 55, "updated_at": "2026-11-24T10:00:00Z", "result": [region]}}
     assert client.post("/webhook", json=event).status_code == 200
