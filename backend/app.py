@@ -154,12 +154,12 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         schema = data.get("schema")
         if not isinstance(schema, str):
             raise ApiError("'schema' (the project's labeling config) is required", 400)
-        parse_config(schema)
+        labeling = parse_config(schema)
+        options = ProjectOptions.parse(data.get("extra_params"), base=project_options.defaults)
+        labeling.select(options.outputs)  # an outputs option that names no target fails Validate and Save
         project = project_key(data.get("project"))
         if project is not None:
-            options = project_options.save(project, data.get("extra_params"))
-        else:
-            options = ProjectOptions.parse(data.get("extra_params"), base=project_options.defaults)
+            project_options.save(project, data.get("extra_params"))
         return jsonify({"model_version": segmenter.model_version, "options": options.to_dict()})
 
     @app.post("/predict")

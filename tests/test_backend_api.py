@@ -130,10 +130,10 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
     ("null", DEFAULTS),
     ('{"min_score": 0.5, "prewarm": false}', {**DEFAULTS, "prewarm": False, "min_score": 0.5}),
     ({"min_score": 1}, {**DEFAULTS, "min_score": 1.0}),
-    ('{"outputs": ["polygon", "box"], "min_area": 0, "largest_only": true, "polygon_tolerance": 2.5, "refine": false}',
-     {**DEFAULTS, "outputs": ["polygon", "box"], "min_area": 0, "largest_only": True, "polygon_tolerance": 2.5,
+    ('{"outputs": ["brush", "box"], "min_area": 0, "largest_only": true, "polygon_tolerance": 2.5, "refine": false}',
+     {**DEFAULTS, "outputs": ["brush", "box"], "min_area": 0, "largest_only": True, "polygon_tolerance": 2.5,
       "refine": False}),
-    ('{"outputs": "brush, polygon"}', {**DEFAULTS, "outputs": ["brush", "polygon"]}),
+    ('{"outputs": "mask, polygon"}', {**DEFAULTS, "outputs": ["mask", "polygon"]}),  # a control name, a kind
 ])
 def test_setup_accepts_extra_params_as_label_studio_sends_them(client, extra_params, options):
     response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
@@ -154,6 +154,7 @@ def test_setup_accepts_extra_params_as_label_studio_sends_them(client, extra_par
     ('{"polygon_tolerance": "fine"}', ["extra_params.polygon_tolerance", "number from 0 to 100"]),
     ('{"outputs": [1]}', ["extra_params.outputs", "brush, polygon, box"]),
     ('{"largest_only": 1}', ["extra_params.largest_only", "true or false"]),
+    ('{"outputs": ["polygon"]}', ["outputs option", "matches none", "mask (brush)"]),  # the config has a brush only
 ])
 def test_bad_extra_params_get_a_400_naming_the_problem(client, extra_params, words):
     response = client.post("/setup", json={"project": "4.17", "schema": SMART_CONFIG, "extra_params": extra_params})
