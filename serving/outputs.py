@@ -63,7 +63,7 @@ def polygons(mask: np.ndarray, tolerance: float, min_area: int, largest_only: bo
     """The outer contour of each connected part, largest first, simplified to ``tolerance`` pixels; parts
     smaller than ``min_area`` are dropped (the largest part always stays). Vertices are pixel centres."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    # cv2's contour area of a one-pixel-wide part is 0: count its pixels' boxes instead, as a floor
+    # cv2's contour area of a one-pixel-wide part is 0: its contour's point count serves as a floor
     parts = sorted(((max(cv2.contourArea(c), float(len(c))), c) for c in contours), key=lambda p: -p[0])
     result = []
     for index, (area, contour) in enumerate(parts):
