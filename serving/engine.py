@@ -1,9 +1,14 @@
-"""The model side of an inference worker: the served model, hot reload, batched execution.
+"""The model side of serving: one model holder for every process, and an inference worker's runtime.
 
-One :class:`InferenceRuntime` per worker process. It owns the :class:`Served` pair (predictor, version),
-replaced atomically (one attribute assignment) when a new version has been loaded in a background thread;
-requests in flight keep the object they started with. A version that fails to load (corrupt weights,
-sha256 mismatch, wrong config) is remembered as rejected and the old model keeps serving.
+:class:`ModelHolder` turns a loaded model into a warmed-up ``Predictor`` (embedding cache, CPU speed options)
+served under its version, with the memory of the last clicks' logits; the embedded backend
+(``serving.segmenter``) and each inference worker hold one. A new version is built beside the served one and
+swapped in atomically (one attribute assignment): requests in flight keep the :class:`Served` pair they
+started with.
+
+One :class:`InferenceRuntime` per worker process: hot reload from the registry, batched execution. A version
+that fails to load (corrupt weights, sha256 mismatch, wrong config) is remembered as rejected and the old
+model keeps serving.
 """
 
 from __future__ import annotations
@@ -49,6 +54,49 @@ def warm_up(predictor, max_batch: int = 1) -> None:
     predictor.predict_embedding(embeddings[0], point_coords=np.array([[size / 2, size / 2]]),
                                 point_labels=np.array([1]), multimask_output=True)
     predictor.cache.clear()
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """How a process builds its predictor (the embedded backend's and the workers' settings both give one)."""
+
+    device: str | None = None  # None: CUDA when available
+    cache_entries: int = 64  # embeddings kept (a 1024² image's is 4 MB)
+    cpu_fast: bool = False  # on the CPU: bf16 weights and a compiled encoder (samlight.predictor.cpu_encoder_options)
+    cpu_int8: bool = False  # on the CPU: int8 linears, compiled
+    warm_batch: int = 1  # the largest batch micro-batching makes: warmed up too
+
+
+class ModelHolder:
+    """A process's model: the served (predictor, version) pair, how to build the next one, and the refinement
+    memory that goes with it."""
+
+    def __init__(self, settings: PredictorSettings, refine_entries: int) -> None:
+        self.settings = settings
+        self.served: Served | None = None
+        self.memory = MaskMemory(refine_entries)  # the last clicks' logits, for refinement
+        self.warm_up_s: float | None = None  # how long the last build's warm-up took
+
+    def build(self, model, version: str) -> Served:
+        """A predictor for ``model``, warmed up: no click pays for lazy initialisation or compilation (30-40 s
+        for a compiled CPU encoder). Not served until ``swap``."""
+        import torch
+
+        from samlight.embedding_cache import EmbeddingCache
+        from samlight.predictor import Predictor, cpu_encoder_options, default_device
+
+        device = torch.device(self.settings.device) if self.settings.device else default_device()
+        speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
+        cache = EmbeddingCache(max_entries=self.settings.cache_entries, max_bytes=self.settings.cache_entries << 23)
+        predictor = Predictor(model, device=device, cache=cache, **speed)
+        started = time.perf_counter()
+        warm_up(predictor, self.settings.warm_batch)
+        self.warm_up_s = round(time.perf_counter() - started, 3)
+        return Served(predictor, version)
+
+    def swap(self, served: Served) -> None:
+        self.served = served  # the atomic swap
+        self.memory.clear()  # the old model's logits do not refine the new model's masks
 
 
 class ImageDownloads:
@@ -121,8 +169,9 @@ class InferenceRuntime:
         self.registry = ModelRegistry(settings.model_dir, redis, settings.keys)
         self.fetcher = fetcher
         self.downloads = ImageDownloads(fetcher)
-        self.served: Served | None = None
-        self.memory = MaskMemory(settings.refine_entries)  # the last clicks' logits, for refinement
+        self.holder = ModelHolder(PredictorSettings(device, settings.cache_entries, settings.cpu_fast,
+                                                    settings.cpu_int8, warm_batch=settings.max_batch),
+                                  settings.refine_entries)
         self.rejected: dict[str, str] = {}
         self._loading: str | None = None
         self._lock = threading.Lock()
@@ -136,39 +185,34 @@ class InferenceRuntime:
 
     # --- models ---------------------------------------------------------------------------------
 
-    def _predictor(self, model):
-        from samlight.embedding_cache import EmbeddingCache
-        from samlight.predictor import Predictor, cpu_encoder_options
+    @property
+    def served(self) -> Served | None:
+        return self.holder.served
 
-        cache = EmbeddingCache(max_entries=self.settings.cache_entries, max_bytes=self.settings.cache_entries << 23)
-        on_cpu = str(self.device).startswith("cpu")
-        speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if on_cpu else {}
-        return Predictor(model, device=self.device, cache=cache, **speed)
+    @property
+    def memory(self) -> MaskMemory:
+        return self.holder.memory
 
     def load_initial(self) -> Served:
         """The active version; if it cannot be loaded, the last version that served; else the configured model."""
         for version in dict.fromkeys(v for v in (self.registry.active(), self.registry.last_good()) if v):
             try:
-                self.served = self._load_version(version)
+                self.holder.swap(self._load_version(version))
                 return self.served
             except RegistryError as error:
                 self.rejected[version] = str(error)
                 log.error("version %s cannot be served (%s)", version, error)
-        model, version = self.source.load()
-        predictor = self._predictor(model)
-        warm_up(predictor, self.settings.max_batch)
-        self.served = Served(predictor, version)
+        self.holder.swap(self.holder.build(*self.source.load()))
         return self.served
 
     def _load_version(self, version: str) -> Served:
         checkpoint = self.registry.load(version)
-        predictor = self._predictor(checkpoint.model)
         try:
-            warm_up(predictor, self.settings.max_batch)
+            served = self.holder.build(checkpoint.model, version)
         except Exception as error:  # a checkpoint that loads but cannot run (wrong shapes, bad config)
             raise RegistryError(f"version {version} fails its warm-up: {error.__class__.__name__}: {error}") from None
         self.registry.mark_served(version)
-        return Served(predictor, version)
+        return served
 
     def check_version(self, wanted: str | None = None) -> None:
         """Start loading the active version in the background if it is not the one served."""
@@ -197,8 +241,7 @@ class InferenceRuntime:
             self._publish_state(error=f"rejected {version}: {error}")
         else:
             old = self.served.version if self.served else None
-            self.served = served  # the atomic swap
-            self.memory.clear()  # the old model's logits do not refine the new model's masks
+            self.holder.swap(served)
             log.info("now serving %s (was %s), loaded in %.2fs", version, old, time.monotonic() - started)
             self._publish_state()
         finally:

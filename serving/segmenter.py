@@ -20,6 +20,7 @@ from serving.config import EmbeddedSettings, Settings
 from serving.images import FetchError, ImageFetcher
 from serving.source import ModelSource
 from serving.jobs import JobError, SegmentJob, error_result, execute
+from serving.engine import ModelHolder, PredictorSettings, Served
 from serving.refinement import MaskMemory
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,10 @@ class InProcessSegmenter:
         self.source = source
         self.fetcher = fetcher
         self._version = source.version()  # cheap; a SAM .pth is hashed once here, at startup
-        self._predictor = None
-        self.memory = MaskMemory(settings.refine_entries)  # the last clicks' logits, for refinement
+        self.holder = ModelHolder(PredictorSettings(settings.device, settings.cache_entries, settings.cpu_fast,
+                                                    settings.cpu_int8), settings.refine_entries)
         self._load_lock = threading.Lock()
         self._load_error: str | None = None
-        self.warm_up_s: float | None = None  # how long the model's warm-up took, once it is loaded
         self._key_locks = _KeyLocks()
         self._slots = ClickFirstSlots(settings.inference_slots)
         self._prewarm_pool = ThreadPoolExecutor(settings.prewarm_threads, thread_name_prefix="prewarm")
@@ -139,49 +139,41 @@ class InProcessSegmenter:
 
     @property
     def loaded(self) -> bool:
-        return self._predictor is not None
+        return self.holder.served is not None
+
+    @property
+    def memory(self) -> MaskMemory:
+        return self.holder.memory
 
     def predictor(self):
         """The process's predictor, loading the model on first use (torch is imported only here)."""
-        if self._predictor is None:
+        if self.holder.served is None:
             with self._load_lock:
-                if self._predictor is None:
-                    self._predictor = self._load()
-        return self._predictor
+                if self.holder.served is None:
+                    self.holder.swap(self._load())
+        return self.holder.served.predictor
 
-    def _load(self):
+    def _load(self) -> Served:
         if self.source.test_model is not None:
             from serving.testing import GeometryPredictor
 
             log.warning("SERVING THE TEST-ONLY GEOMETRY MODEL (SAMLIGHT_TEST_MODEL): boxes and discs, not SAM")
-            return GeometryPredictor()
+            return Served(GeometryPredictor(), self._version)
         import torch
-
-        from samlight.embedding_cache import EmbeddingCache
-        from samlight.predictor import Predictor, cpu_encoder_options, default_device
-        from serving.engine import warm_up
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         start = time.perf_counter()
         try:
-            model, version = self.source.load()
-            self._version = version
-            device = torch.device(self.settings.device) if self.settings.device else default_device()
-            speed = cpu_encoder_options(self.settings.cpu_fast, self.settings.cpu_int8) if device.type == "cpu" else {}
-            predictor = Predictor(model, device=device,
-                                  cache=EmbeddingCache(max_entries=self.settings.cache_entries), **speed)
-            # the first click must not pay for lazy initialisation or compilation (30-40 s compiled on CPU)
-            warm_start = time.perf_counter()
-            warm_up(predictor)
-            self.warm_up_s = round(time.perf_counter() - warm_start, 3)
+            served = self.holder.build(*self.source.load())
         except Exception as error:  # surfaced by /health and every request
             self._load_error = f"{error.__class__.__name__}: {error}"
             log.error("cannot load the model: %s", self._load_error)
             raise
-        log.info("model %s loaded and warmed up on %s in %.1fs (pid %d)", version, predictor.device,
+        self._version = served.version
+        log.info("model %s loaded and warmed up on %s in %.1fs (pid %d)", served.version, served.predictor.device,
                  time.perf_counter() - start, os.getpid())
-        return predictor
+        return served
 
     def load_in_background(self) -> threading.Thread:
         def load():
@@ -256,10 +248,11 @@ class InProcessSegmenter:
                                   "prewarm_pending": self._prewarm_pending, "pid": os.getpid()}
         if self._load_error:
             status["error"] = self._load_error
-        if self._predictor is not None:
-            status["device"] = str(self._predictor.device)
-            status["warm_up_s"] = self.warm_up_s
-            status["cache"] = self._predictor.cache.stats()
+        if self.holder.served is not None:
+            predictor = self.holder.served.predictor
+            status["device"] = str(predictor.device)
+            status["warm_up_s"] = self.holder.warm_up_s
+            status["cache"] = predictor.cache.stats()
             status["refinement"] = self.memory.stats()
         return status
 

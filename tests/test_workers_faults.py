@@ -96,6 +96,9 @@ def test_worker_survives_redis_refusing_writes(stack):
 
 def test_a_killed_worker_restarts_under_its_name_at_once(stack):
     stop(stack["worker"], sig=signal.SIGKILL)
+    deadline = time.monotonic() + 5  # the dead worker's last heartbeat ages out (else it would count as up)
+    while "w1" in stack["segmenter"].alive_workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
     replacement = start_inference_worker(stack["redis"].url, stack["model_dir"], "w1", stack["tmp"])
     stack["worker"] = replacement  # stopped by the fixture
     wait_for_workers(stack["segmenter"], ["w1"], timeout=60)
