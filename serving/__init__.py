@@ -16,7 +16,8 @@ this package imports neither. Torch is imported only where a model runs (``engin
 - ``labelstudio``       Label Studio's brush RLE, both ways; a job's answer as regions; ``brush_regions``
 - ``segmenter``         the ``Segmenter`` protocol and the embedded (in-process) implementation
 - ``remote``            ``RQSegmenter``: the same protocol over Redis and the inference workers
-- ``engine``            ``InferenceRuntime``: an inference worker's model, hot reload and batched execution
+- ``engine``            ``ModelHolder`` (every process's model: predictor, warm-up, swap) and
+                        ``InferenceRuntime`` (a worker's hot reload and batched execution)
 - ``registry``          model versions under ``MODEL_DIR/versions``, the active one in Redis
 - ``corrections``       webhook events: checks, the embedded log, ``create_correction_sink``
 - ``correction_stream`` the Redis stream of corrections and its fsynced local fallback log
