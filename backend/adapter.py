@@ -10,18 +10,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from backend.labels import ConfigError, LabelingSchema, parse_config
+from backend.labels import ConfigError, LabelingSchema, Target, parse_config
 from backend.prompts import Click, parse_context
 from serving import labelstudio
 from serving.corrections import CorrectionSink, webhook_events
 from serving.errors import StatusError
 from serving.images import FetchError, ImageFetcher
+from serving.automatic import AutoSpec
 from serving.jobs import ObjectJob, OutputSpec, SegmentJob
 from serving.options import ProjectOptions
 from serving.refinement import click_key
 from serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
+
+# tasks of one batch call answered with automatic masks; Label Studio asks again for the others when they are
+# opened (it waits a limited time for /predict: a larger batch needs the background path, not built yet)
+MAX_AUTOMATIC_TASKS = 4
 
 
 class PredictError(StatusError):
@@ -73,6 +78,10 @@ class LabelStudioAdapter:
             if len(tasks) != 1:
                 raise PredictError(f"an interactive context applies to one task, got {len(tasks)}")
             return [self._interactive(urls[0], parse_context(context, schema), schema)]
+        if self.options.auto_annotate:
+            targets, output = self._targets(schema)
+            inline = urls[:MAX_AUTOMATIC_TASKS]  # the rest are asked for again when they are opened
+            return [self._automatic(url, schema, targets, output) for url in inline] + [[] for _ in urls[len(inline):]]
         if self.options.prewarm:
             self._prewarm(urls)
         return [[] for _ in tasks]
@@ -103,15 +112,52 @@ class LabelStudioAdapter:
         if jobs:
             self.services.segmenter.prewarm(jobs)
 
-    def _interactive(self, url: str, click: Click, schema: LabelingSchema) -> dict:
+    def _targets(self, schema: LabelingSchema) -> tuple[tuple[Target, ...], OutputSpec]:
+        """The targets the project's outputs option picks, and what a job must compute for them."""
         try:
             targets = schema.select(self.options.outputs)
         except ConfigError as error:
             raise PredictError(str(error)) from None
         kinds = {t.kind for t in targets}
-        output = OutputSpec(brush="brush" in kinds, polygon="polygon" in kinds, box="box" in kinds,
-                            min_area=self.options.min_area, largest_only=self.options.largest_only,
-                            polygon_tolerance=self.options.polygon_tolerance)
+        return targets, OutputSpec(brush="brush" in kinds, polygon="polygon" in kinds, box="box" in kinds,
+                                   min_area=self.options.min_area, largest_only=self.options.largest_only,
+                                   polygon_tolerance=self.options.polygon_tolerance)
+
+    def _regions(self, targets, schema, result: dict, answer: dict, label: str | None, score: float) -> list[dict]:
+        labels = schema.labels_for(targets, label)
+        regions = []
+        for target in targets:
+            if target.name in labels:
+                regions += labelstudio.regions(target.kind, target.name, schema.image_name, result["width"],
+                                               result["height"], answer, labels[target.name], score)
+        return regions
+
+    def _automatic(self, url: str, schema: LabelingSchema, targets: tuple[Target, ...], output: OutputSpec
+                   ) -> dict | list:
+        """A batch prediction: automatic masks for the whole image, in the project's outputs; none (an empty
+        list) when the image fails, so that one task does not fail the batch."""
+        auto = AutoSpec(points_per_side=self.options.auto_points_per_side, pred_iou=self.options.auto_pred_iou,
+                        stability=self.options.auto_stability)
+        try:
+            result = self.services.segmenter.segment([self._job(url, output=output, auto=auto)])[0]
+        except PredictError as error:
+            result = {"error": str(error)}
+        if "error" in result:
+            log.warning("no automatic masks for %s: %s", url, result["error"])
+            return []
+        regions, scores = [], []
+        for answer in result["objects"]:
+            score = min(1.0, max(0.0, float(answer["score"])))
+            if score >= self.options.min_score:
+                regions += self._regions(targets, schema, result, answer, self.options.auto_label, score)
+                scores.append(score)
+        log.info("automatic masks for %s: %d kept, %s", url, len(scores),
+                 " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
+        return {"result": regions, "score": sum(scores) / len(scores) if scores else 0.0,
+                "model_version": result.get("model_version") or self.model_version}
+
+    def _interactive(self, url: str, click: Click, schema: LabelingSchema) -> dict:
+        targets, output = self._targets(schema)
         job = self._job(url, reference_size=[click.width, click.height], output=output)
         # several objects: those answered before (newer Label Studio versions resend every rectangle) are skipped
         several = len(click.objects) > 1
@@ -135,11 +181,7 @@ class LabelStudioAdapter:
             if score < self.options.min_score:
                 log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
                 continue
-            labels = schema.labels_for(targets, prompt.label)
-            for target in targets:
-                if target.name in labels:
-                    regions += labelstudio.regions(target.kind, target.name, schema.image_name, result["width"],
-                                                   result["height"], answer, labels[target.name], score)
+            regions += self._regions(targets, schema, result, answer, prompt.label, score)
             scores.append(score)
         return {"result": regions, "score": max(scores, default=0.0), "model_version": version}
 

@@ -187,6 +187,15 @@ class Predictor:
         return result
 
     @torch.inference_mode()
+    def decode(self, embedding: ImageEmbedding, point_coords: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
+               multimask_output: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C) of K prompts, left on the device: what
+        automatic mask generation filters before it upsamples the few masks it keeps."""
+        points, labels, boxes, _ = validate_prompts(point_coords, point_labels, box, embedding.original_size)
+        return self._low_res(embedding, points, labels, boxes, None, multimask_output)
+
+    @torch.inference_mode()
     def predict_best(
         self,
         embedding: ImageEmbedding,

@@ -312,7 +312,12 @@ def _project_defaults(read: Environment) -> ProjectOptions:
              "min_area": read.integer("SAMLIGHT_MIN_AREA", None),
              "largest_only": read.flag("SAMLIGHT_LARGEST_ONLY", None),
              "polygon_tolerance": read.number("SAMLIGHT_POLYGON_TOLERANCE", None),
-             "refine": read.flag("SAMLIGHT_REFINE", None)}  # None: unset
+             "refine": read.flag("SAMLIGHT_REFINE", None),
+             "auto_annotate": read.flag("SAMLIGHT_AUTO_ANNOTATE", None),
+             "auto_label": read.text("SAMLIGHT_AUTO_LABEL"),
+             "auto_points_per_side": read.integer("SAMLIGHT_AUTO_POINTS_PER_SIDE", None),
+             "auto_pred_iou": read.number("SAMLIGHT_AUTO_PRED_IOU", None),
+             "auto_stability": read.number("SAMLIGHT_AUTO_STABILITY", None)}  # None: unset
     return ProjectOptions().updated({key: value for key, value in given.items() if value is not None},
                                     name=lambda key: f"SAMLIGHT_{key.upper()}")
 

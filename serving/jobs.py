@@ -11,7 +11,7 @@ Result (``execute``'s dict)::
     {"width": W, "height": H,              # the EXIF-corrected image size the masks have
      "model_version": "...", "image_key": "url:...",
      "cached": true,                       # the embedding was already cached (no fetch, no encoder)
-     "objects": [                          # one per job object, in order
+     "objects": [                          # one per job object, in order (automatic: one per mask found)
         {"score": 0.93,                    # the decoder's predicted IoU of the chosen mask
          "area": 12345,                    # mask pixels (after clean-up)
          "refined": true,                  # the previous click's mask went in as mask_input
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serving.automatic import AutoSpec
 from serving.errors import StatusError
 from serving.images import ImageFetcher
 from serving.refinement import MaskMemory
@@ -100,6 +101,7 @@ class SegmentJob:
     reference_size: list[int] | None = None
     multimask: bool | None = None  # None: several candidates for a lone point, one otherwise
     output: OutputSpec = field(default_factory=OutputSpec)
+    auto: AutoSpec | None = None  # automatic masks for the whole image (then no objects)
     prewarm_only: bool = False
     meta: dict[str, Any] = field(default_factory=dict)  # opaque to the executor (task id, label, ...)
 
@@ -116,6 +118,8 @@ class SegmentJob:
                                  for i, item in enumerate(fields.get("objects") or [])]
             if fields.get("output") is not None:
                 fields["output"] = OutputSpec(**_known_fields(OutputSpec, fields["output"], "job.output"))
+            if fields.get("auto") is not None:
+                fields["auto"] = AutoSpec(**_known_fields(AutoSpec, fields["auto"], "job.auto"))
             job = cls(**fields)
         except TypeError as error:
             raise JobError(f"bad job: {error}") from None
@@ -128,6 +132,12 @@ class SegmentJob:
         if not isinstance(self.image_key, str) or not self.image_key:
             raise JobError("job.image_key must be a non-empty string")
         if self.prewarm_only:
+            return
+        if self.auto is not None:
+            if self.objects:
+                raise JobError("an automatic-masks job has no objects")
+            if not 1 <= self.auto.points_per_side <= 128:
+                raise JobError(f"job.auto.points_per_side must be 1 to 128, got {self.auto.points_per_side}")
             return
         if not self.objects:
             raise JobError("a segmentation job needs at least one object (points or a box)")
@@ -189,6 +199,17 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
                               "image_key": job.image_key, "cached": cached}
     if job.prewarm_only:
         result["timings_ms"] = timings
+        return result
+    if job.auto is not None:
+        start = time.perf_counter()
+        from serving.automatic import automatic_masks
+
+        found = automatic_masks(predictor, embedding, job.auto)
+        timings["mask"] = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        objects = [{"score": score, "refined": False, **_outputs(mask, job.output)} for mask, score in found]
+        timings["outputs"] = (time.perf_counter() - start) * 1000
+        result.update(objects=objects, timings_ms=timings)
         return result
     memory = memory if memory is not None else MaskMemory(0)
     answers: list[dict | None] = [None] * len(job.objects)

@@ -17,6 +17,10 @@ environment variables, read by ``serving.config``) for each prediction.
 | ``largest_only`` | bool | false | keep only the largest connected part of each mask (one polygon) |
 | ``polygon_tolerance`` | number in [0, 100] | 1.0 | pixels a simplified polygon may stray from the mask |
 | ``refine`` | bool | true | a click that adds to an object's prompts refines its previous mask (SAM's mask input) |
+| ``auto_annotate`` | bool | false | batch predictions (a task opened, "Retrieve Predictions") get automatic masks |
+| ``auto_label`` | label name | first | the automatic masks' label (each target's first label when none has it) |
+| ``auto_points_per_side`` | integer 1-128 | 32 | the automatic masks' grid of point prompts per side |
+| ``auto_pred_iou``, ``auto_stability`` | number in [0, 1] | 0.88, 0.95 | automatic masks' quality thresholds |
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class ProjectOptions:
     largest_only: bool = False
     polygon_tolerance: float = 1.0
     refine: bool = True
+    auto_annotate: bool = False
+    auto_label: str | None = None
+    auto_points_per_side: int = 32
+    auto_pred_iou: float = 0.88
+    auto_stability: float = 0.95
 
     def updated(self, values: Mapping[str, Any],
                 name: Callable[[str], str] = lambda key: f"'extra_params.{key}'") -> "ProjectOptions":
@@ -111,6 +120,12 @@ def _number(low: float, high: float, integer: bool = False):
     return check
 
 
+def _label(value: Any, name: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise OptionsError(f"{name} must be a label name (text), got {value!r}")
+    return value
+
+
 def _names(value: Any, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
@@ -128,6 +143,11 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "largest_only": _boolean,
     "polygon_tolerance": _number(0, 100),
     "refine": _boolean,
+    "auto_annotate": _boolean,
+    "auto_label": _label,
+    "auto_points_per_side": _number(1, 128, integer=True),
+    "auto_pred_iou": _number(0, 1),
+    "auto_stability": _number(0, 1),
 }
 
 

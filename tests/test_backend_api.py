@@ -289,6 +289,28 @@ def test_every_target_gets_the_mask_in_its_form(client, photo):
     assert response.status_code == 400 and "matches none" in response.get_json()["error"]
 
 
+def test_automatic_masks_pre_annotate_a_batch(host, tmp_path, photo, coco_val_images):
+    """auto_annotate: a batch call (a task opened, Retrieve Predictions) gets masks for the whole image in every
+    target's form, with the configured label; a failing image gets none, and tasks past the inline limit are
+    left for later."""
+    client = make_app(host, tmp_path, ModelSource(random="lightening_test")).test_client()
+    names = [p.name for p in coco_val_images[:5]]
+    tasks = [{"id": i, "data": {"image": f"/data/upload/{name}"}} for i, name in enumerate(names)]
+    tasks[1]["data"]["image"] = "/data/upload/missing.jpg"
+    options = {"auto_annotate": True, "auto_label": "Object", "auto_points_per_side": 4, "auto_pred_iou": 0,
+               "auto_stability": 0, "min_area": 0}  # random weights: scores near 0
+    body = {"tasks": tasks, "label_config": TARGETS_CONFIG, "params": {"context": None}, "extra_params": options}
+    results = client.post("/predict", json=body).get_json()["results"]
+    assert len(results) == 5 and results[1] == [] and results[4] == []
+    for prediction in (results[0], results[2], results[3]):
+        kinds = {r["type"] for r in prediction["result"]}
+        assert kinds == {"brushlabels", "polygonlabels", "rectanglelabels"}, kinds
+        assert all(r["value"][r["type"]] == ["Object"] for r in prediction["result"])
+        assert 0 <= prediction["score"] <= 1 and prediction["model_version"] == "random-lightening_test-0"
+    strict = {**body, "tasks": tasks[:1], "extra_params": {**options, "auto_pred_iou": 1}}
+    assert client.post("/predict", json=strict).get_json()["results"][0]["result"] == []
+
+
 def test_polygon_only_project(client, photo):
     config = ('<View><Image name="image" value="$image"/>'
               '<PolygonLabels name="poly" toName="image"><Label value="Car"/><Label value="Object"/></PolygonLabels>'
@@ -728,3 +750,22 @@ def test_cpu_int8_setting_builds_a_compiled_int8_encoder_and_keeps_the_float_mod
     assert isinstance(predictor.encoder, CompiledEncoder)
     assert any(isinstance(m, Int8Linear) for m in predictor.encoder.modules())
     assert not any(isinstance(m, Int8Linear) for m in predictor.model.image_encoder.modules())
+
+
+def test_deployment_defaults_come_from_the_environment_and_projects_override_them(tmp_path):
+    from serving.options import OptionsError, ProjectOptionsStore
+
+    defaults = Settings.from_env({"SAMLIGHT_MIN_AREA": "0", "SAMLIGHT_OUTPUTS": "polygon, box",
+                                  "SAMLIGHT_AUTO_ANNOTATE": "yes", "SAMLIGHT_AUTO_POINTS_PER_SIDE": "16",
+                                  "SAMLIGHT_REFINE": "off"}).project_defaults
+    assert (defaults.min_area, defaults.outputs, defaults.auto_annotate, defaults.auto_points_per_side,
+            defaults.refine) == (0, ("polygon", "box"), True, 16, False)
+    for variable, value, words in (("SAMLIGHT_MIN_SCORE", "2", "from 0 to 1"),
+                                   ("SAMLIGHT_AUTO_POINTS_PER_SIDE", "many", "an integer"),
+                                   ("SAMLIGHT_LARGEST_ONLY", "maybe", "on or off")):
+        with pytest.raises((OptionsError, ValueError), match=f"{variable} must be .*{words}"):
+            Settings.from_env({variable: value})
+    store = ProjectOptionsStore(tmp_path, defaults)
+    assert store.save("3.1", '{"min_area": 50}').min_area == 50
+    assert store.get("3.1").outputs == ("polygon", "box")  # the deployment's, not set by the project
+    assert ProjectOptionsStore(tmp_path, ProjectOptions()).get("3.1").outputs == ()  # a changed default reaches it

@@ -151,3 +151,19 @@ def test_job_refines_the_previous_click_and_batches_rectangles(test_student, coc
         assert item["area"] == mask.sum() and item["box"] == outputs.tight_box(mask)
         assert outputs.clean(mask, 50, False).sum() == mask.sum()  # already clean
     assert set(result["timings_ms"]) >= {"mask", "outputs"}
+
+
+def test_automatic_masks_filter_and_suppress(test_student, coco_val_images):
+    """SAM's automatic mask generation on a cached embedding: the thresholds filter, box NMS suppresses, the
+    masks come best first. (Random weights: predicted IoUs near 0 and masks of noise, hence thresholds of 0.)"""
+    from serving.automatic import AutoSpec, automatic_masks
+
+    predictor = Predictor(copy.deepcopy(test_student), device="cpu")
+    embedding = predictor.embed(load_image(coco_val_images[0]))
+    every = automatic_masks(predictor, embedding, AutoSpec(points_per_side=4, pred_iou=0, stability=0, box_nms=1.0))
+    suppressed = automatic_masks(predictor, embedding, AutoSpec(points_per_side=4, pred_iou=0, stability=0))
+    assert 1 <= len(suppressed) < len(every) <= 48
+    scores = [score for _, score in every]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= 0
+    assert all(mask.shape == embedding.original_size and mask.any() for mask, _ in every)
+    assert automatic_masks(predictor, embedding, AutoSpec(points_per_side=4, pred_iou=0.99)) == []
