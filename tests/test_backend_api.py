@@ -361,6 +361,11 @@ def test_a_click_that_extends_a_region_refines_it(client, photo):
     client.post("/predict", json={**predict_body(photo, {"result": [first, second, dict(other, id="p5")]}),
                                   "extra_params": {"refine": False}})
     assert refined() == before + 1 and segmenter.memory.stats()["entries"] >= 4
+    # a box, then a click inside it: the box's mask is refined
+    box = dict(rectangle(20, 20, 50, 50, photo), id="b1")
+    client.post("/predict", json=predict_body(photo, {"result": [box]}))
+    client.post("/predict", json=predict_body(photo, {"result": [box, dict(keypoint(40, 40, photo), id="p6")]}))
+    assert refined() == before + 2
 
 
 def test_output_label_follows_the_prompt(client, photo):
