@@ -123,14 +123,24 @@ class LabelStudioAdapter:
                                    min_area=self.options.min_area, largest_only=self.options.largest_only,
                                    polygon_tolerance=self.options.polygon_tolerance)
 
-    def _regions(self, targets, schema, result: dict, answer: dict, label: str | None, score: float) -> list[dict]:
-        labels = schema.labels_for(targets, label)
-        regions = []
-        for target in targets:
-            if target.name in labels:
+    def _suggested(self, url: str, schema: LabelingSchema, targets: tuple[Target, ...], result: dict,
+                   labels: list[str | None]) -> tuple[list[dict], list[float]]:
+        """A job's answers (each with its prompt's label) as regions of every target, and their scores; answers
+        skipped as answered before, or scoring below min_score, are left out."""
+        regions, scores = [], []
+        for answer, label in zip(result["objects"], labels):
+            if "skipped" in answer:
+                continue
+            score = min(1.0, max(0.0, float(answer["score"])))  # the decoder's IoU estimate can leave [0, 1]
+            if score < self.options.min_score:
+                log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
+                continue
+            named = schema.labels_for(targets, label)
+            for target in (t for t in targets if t.name in named):
                 regions += labelstudio.regions(target.kind, target.name, schema.image_name, result["width"],
-                                               result["height"], answer, labels[target.name], score)
-        return regions
+                                               result["height"], answer, named[target.name], score)
+            scores.append(score)
+        return regions, scores
 
     def _automatic(self, url: str, schema: LabelingSchema, targets: tuple[Target, ...], output: OutputSpec
                    ) -> dict | list:
@@ -145,12 +155,8 @@ class LabelStudioAdapter:
         if "error" in result:
             log.warning("no automatic masks for %s: %s", url, result["error"])
             return []
-        regions, scores = [], []
-        for answer in result["objects"]:
-            score = min(1.0, max(0.0, float(answer["score"])))
-            if score >= self.options.min_score:
-                regions += self._regions(targets, schema, result, answer, self.options.auto_label, score)
-                scores.append(score)
+        regions, scores = self._suggested(url, schema, targets, result,
+                                          [self.options.auto_label] * len(result["objects"]))
         log.info("automatic masks for %s: %d kept, %s", url, len(scores),
                  " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
         return {"result": regions, "score": sum(scores) / len(scores) if scores else 0.0,
@@ -173,16 +179,7 @@ class LabelStudioAdapter:
         log.info("masks for %s: cached=%s %s", url, result.get("cached"),
                  " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
         version = result.get("model_version") or self.model_version
-        regions, scores = [], []
-        for prompt, answer in zip(click.objects, result["objects"]):
-            if "skipped" in answer:
-                continue
-            score = min(1.0, max(0.0, float(answer["score"])))  # the decoder's IoU estimate can leave [0, 1]
-            if score < self.options.min_score:
-                log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
-                continue
-            regions += self._regions(targets, schema, result, answer, prompt.label, score)
-            scores.append(score)
+        regions, scores = self._suggested(url, schema, targets, result, [o.label for o in click.objects])
         return {"result": regions, "score": max(scores, default=0.0), "model_version": version}
 
     # --- training events ------------------------------------------------------------------------

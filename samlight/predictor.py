@@ -189,11 +189,14 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, embedding: ImageEmbedding, point_coords: np.ndarray | None = None,
                point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
+               mask_input: list[torch.Tensor] | None = None,
                multimask_output: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C) of K prompts, left on the device: what
-        automatic mask generation filters before it upsamples the few masks it keeps."""
+        automatic mask generation filters before it upsamples the few masks it keeps. ``mask_input``: K
+        low-res logits (256, 256) of the previous click."""
         points, labels, boxes, _ = validate_prompts(point_coords, point_labels, box, embedding.original_size)
-        return self._low_res(embedding, points, labels, boxes, None, multimask_output)
+        masks_in = torch.stack(mask_input) if mask_input else None
+        return self._low_res(embedding, points, labels, boxes, masks_in, multimask_output)
 
     @torch.inference_mode()
     def predict_best(
@@ -208,15 +211,13 @@ class Predictor:
         """The best-scoring mask of each of K prompts, in one decoder call, left on the device.
 
         Prompts as ``predict_embedding``'s batched form (points (K, P, 2) with labels (K, P), and/or boxes
-        (K, 4)); ``mask_input``: K low-res logits (256, 256) of the previous click, as this returns them.
+        (K, 4)); ``mask_input`` as ``decode``'s, the logits this returns.
         (Prompts of different point counts take separate calls: padding with SAM's "not a point" token changes
         the answer slightly.) Returns masks (K, H, W) bool, the K scores, and the
         chosen masks' low-res logits (K, 256, 256) for the next click. What a click needs: only the winners
         are upsampled to the image size.
         """
-        points, labels, boxes, _ = validate_prompts(point_coords, point_labels, box, embedding.original_size)
-        masks_in = torch.stack([m.to(self.device).float() for m in mask_input]) if mask_input else None
-        low_res, iou = self._low_res(embedding, points, labels, boxes, masks_in, multimask_output)
+        low_res, iou = self.decode(embedding, point_coords, point_labels, box, mask_input, multimask_output)
         best = iou.argmax(dim=1)
         rows = torch.arange(len(best), device=best.device)
         chosen = low_res[rows, best]  # (K, 256, 256)

@@ -37,6 +37,15 @@ def _churn(like: torch.Tensor) -> None:
     del junk
 
 
+def _eager(model, features, coords, labels, masks, multimask: bool):
+    """SAM's own prompt encoder and mask decoder: what a graph replay must give."""
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+        return model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=multimask)
+
+
 @needs_cuda
 def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
     from samlight.graphed_decoder import GraphedPromptDecoder
@@ -51,11 +60,7 @@ def test_graphed_decoder_replays_equal_eager_after_memory_churn(test_student):
         labels = torch.tensor([[1, 0]], device="cuda", dtype=torch.int)
         low_res, iou = graphed(features, coords, labels, None, True)
         _churn(model.prompt_encoder.get_dense_pe())
-        with torch.inference_mode():
-            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            expected_low, expected_iou = model.mask_decoder(
-                image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        expected_low, expected_iou = _eager(model, features, coords, labels, None, True)
         assert torch.allclose(low_res, expected_low, atol=1e-3), step
         assert torch.allclose(iou, expected_iou, atol=1e-4), step
 
@@ -76,11 +81,7 @@ def test_graphed_decoder_with_the_previous_mask_equals_eager(test_student):
         masks = torch.randn(2, 1, *model.prompt_encoder.mask_input_size, device="cuda", generator=g) * 4
         low_res, iou = graphed(features, coords, labels, None, False, masks)
         _churn(masks)
-        with torch.inference_mode():
-            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
-            expected_low, expected_iou = model.mask_decoder(
-                image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        expected_low, expected_iou = _eager(model, features, coords, labels, masks, False)
         assert torch.allclose(low_res, expected_low, atol=1e-3), step
         assert torch.allclose(iou, expected_iou, atol=1e-4), step
 
