@@ -8,26 +8,22 @@ around the process's shared services (segmenter, image fetcher, correction sink)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from backend.labels import ConfigError, LabelingSchema, Target, parse_config
 from backend.prompts import Click, parse_context
-from serving import labelstudio
 from serving.corrections import CorrectionSink, webhook_events
 from serving.errors import StatusError
-from serving.images import FetchError, ImageFetcher
-from serving.automatic import AutoSpec
-from serving.jobs import ObjectJob, OutputSpec, SegmentJob
+from serving.images import FetchError, ImageFetcher, task_image_url
+from serving.jobs import ObjectJob, SegmentJob
+from serving.labels import ConfigError, LabelingSchema, parse_config
 from serving.options import ProjectOptions
+from serving.preannotation import Preannotation
+from serving.predictions import ProjectPredictions
 from serving.refinement import click_key
 from serving.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
-
-# tasks of one batch call answered with automatic masks; Label Studio asks again for the others when they are
-# opened (it waits a limited time for /predict: a larger batch needs the background path, not built yet)
-MAX_AUTOMATIC_TASKS = 4
-
 
 class PredictError(StatusError):
     """A /predict request this backend cannot answer (bad tasks, config, or a failed job)."""
@@ -40,6 +36,8 @@ class Services:
     segmenter: Segmenter
     fetcher: ImageFetcher
     sink: CorrectionSink
+    preannotations: object | None = None  # SpoolQueue | RQQueue; None without Label Studio API access
+    inline_s: float = 20.0  # a batch of automatic masks is answered inline this long, the rest in the background
 
 
 class LabelStudioAdapter:
@@ -65,8 +63,9 @@ class LabelStudioAdapter:
         """Regions for an interactive context (each target of the labeling config gets each object's mask in
         its form); for a batch call, no prediction for any task.
 
-        A batch call is Label Studio opening a task (or "Retrieve Predictions"): it prewarms the images'
-        embeddings and answers an empty *list* of predictions per task. Label Studio stores nothing for an
+        A batch call is Label Studio opening a task (or "Retrieve Predictions"). With ``auto_annotate`` it answers
+        automatic masks (``_automatic_batch``); otherwise it prewarms the images' embeddings and answers an
+        empty *list* of predictions per task. Label Studio stores nothing for an
         empty list, so tasks are not cluttered with empty prediction tabs, and since it asks again whenever a
         task has no prediction, every later open prewarms too (after a backend restart as well).
         """
@@ -79,9 +78,7 @@ class LabelStudioAdapter:
                 raise PredictError(f"an interactive context applies to one task, got {len(tasks)}")
             return [self._interactive(urls[0], parse_context(context, schema), schema)]
         if self.options.auto_annotate:
-            targets, output = self._targets(schema)
-            inline = urls[:MAX_AUTOMATIC_TASKS]  # the rest are asked for again when they are opened
-            return [self._automatic(url, schema, targets, output) for url in inline] + [[] for _ in urls[len(inline):]]
+            return self._automatic_batch(tasks, urls, self._predictions(schema))
         if self.options.prewarm:
             self._prewarm(urls)
         return [[] for _ in tasks]
@@ -93,7 +90,10 @@ class LabelStudioAdapter:
         url = task["data"].get(schema.image_value)
         if not isinstance(url, str) or not url:
             raise PredictError(f"task {task.get('id', index)} has no image URL in data.{schema.image_value}")
-        return url
+        try:
+            return task_image_url(url, task.get("id"))
+        except FetchError as error:
+            raise PredictError(str(error), error.status) from None
 
     def _job(self, url: str, **fields) -> SegmentJob:
         try:
@@ -112,59 +112,73 @@ class LabelStudioAdapter:
         if jobs:
             self.services.segmenter.prewarm(jobs)
 
-    def _targets(self, schema: LabelingSchema) -> tuple[tuple[Target, ...], OutputSpec]:
-        """The targets the project's outputs option picks, and what a job must compute for them."""
+    def _predictions(self, schema: LabelingSchema) -> ProjectPredictions:
+        predictions = ProjectPredictions(schema, self.options)
         try:
-            targets = schema.select(self.options.outputs)
+            predictions.targets
         except ConfigError as error:
             raise PredictError(str(error)) from None
-        kinds = {t.kind for t in targets}
-        return targets, OutputSpec(brush="brush" in kinds, polygon="polygon" in kinds, box="box" in kinds,
-                                   min_area=self.options.min_area, largest_only=self.options.largest_only,
-                                   polygon_tolerance=self.options.polygon_tolerance)
+        return predictions
 
-    def _suggested(self, url: str, schema: LabelingSchema, targets: tuple[Target, ...], result: dict,
-                   labels: list[str | None]) -> tuple[list[dict], list[float]]:
-        """A job's answers (each with its prompt's label) as regions of every target, and their scores; answers
-        skipped as answered before, or scoring below min_score, are left out."""
-        regions, scores = [], []
-        for answer, label in zip(result["objects"], labels):
-            if "skipped" in answer:
-                continue
-            score = min(1.0, max(0.0, float(answer["score"])))  # the decoder's IoU estimate can leave [0, 1]
-            if score < self.options.min_score:
-                log.info("mask for %s not suggested: score %.3f < min_score %.3f", url, score, self.options.min_score)
-                continue
-            named = schema.labels_for(targets, label)
-            for target in (t for t in targets if t.name in named):
-                regions += labelstudio.regions(target.kind, target.name, schema.image_name, result["width"],
-                                               result["height"], answer, named[target.name], score)
-            scores.append(score)
-        return regions, scores
+    def _automatic_batch(self, tasks: list[dict], urls: list[str], predictions: ProjectPredictions) -> list:
+        """Automatic masks for as many tasks as fit in the inline budget; the others (and those the model could
+        not reach in time) go to the background queue, which posts their predictions to Label Studio."""
+        deadline = time.monotonic() + self.services.inline_s
+        answers: list = []
+        later: list[int] = []
+        for index, url in enumerate(urls):
+            if time.monotonic() >= deadline:
+                later += range(index, len(urls))
+                break
+            answer, retry = self._automatic(url, predictions)
+            answers.append(answer)
+            if retry:
+                later.append(index)
+        if later:
+            self._in_background([(tasks[i], urls[i]) for i in later], predictions)
+        return answers + [[] for _ in range(len(urls) - len(answers))]
 
-    def _automatic(self, url: str, schema: LabelingSchema, targets: tuple[Target, ...], output: OutputSpec
-                   ) -> dict | list:
-        """A batch prediction: automatic masks for the whole image, in the project's outputs; none (an empty
-        list) when the image fails, so that one task does not fail the batch."""
-        auto = AutoSpec(points_per_side=self.options.auto_points_per_side, pred_iou=self.options.auto_pred_iou,
-                        stability=self.options.auto_stability)
+    def _automatic(self, url: str, predictions: ProjectPredictions) -> tuple[dict | list, bool]:
+        """A task's automatic masks, or ``([], retry)`` when its image fails: a bad image (4xx) is not
+        retried; a busy or unreachable model is, in the background."""
         try:
-            result = self.services.segmenter.segment([self._job(url, output=output, auto=auto)])[0]
+            result = self.services.segmenter.segment([self._job(url, output=predictions.output,
+                                                               auto=predictions.auto)])[0]
         except PredictError as error:
-            result = {"error": str(error)}
+            result = {"error": str(error), "status": error.status}
         if "error" in result:
             log.warning("no automatic masks for %s: %s", url, result["error"])
-            return []
-        regions, scores = self._suggested(url, schema, targets, result,
-                                          [self.options.auto_label] * len(result["objects"]))
-        log.info("automatic masks for %s: %d kept, %s", url, len(scores),
-                 " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
-        return {"result": regions, "score": sum(scores) / len(scores) if scores else 0.0,
-                "model_version": result.get("model_version") or self.model_version}
+            return [], int(result.get("status", 500)) >= 500
+        return predictions.automatic(url, result, self.model_version), False
+
+    def _in_background(self, items: list[tuple[dict, str]], predictions: ProjectPredictions) -> None:
+        queue = self.services.preannotations
+        if queue is None:
+            log.warning("%d task(s) of the batch get no automatic masks: background pre-annotation posts them "
+                        "through Label Studio's API, which needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY",
+                        len(items))
+            return
+        work = []
+        for task, url in items:
+            task_id = task.get("id")
+            try:
+                key = self.services.fetcher.image_key(url)
+            except FetchError as error:
+                log.warning("no automatic masks for task %s: %s", task_id, error)
+                continue
+            if isinstance(task_id, bool) or not isinstance(task_id, int):
+                log.warning("no automatic masks for a task without an id (%s): its prediction could not be posted",
+                            url)
+                continue
+            work.append(Preannotation(task_id=task_id, image_url=url, image_key=key,
+                                      label_config=self.label_config, options=self.options.to_dict(),
+                                      model_version=self.model_version))
+        if work:
+            queue.submit(work)
 
     def _interactive(self, url: str, click: Click, schema: LabelingSchema) -> dict:
-        targets, output = self._targets(schema)
-        job = self._job(url, reference_size=[click.width, click.height], output=output)
+        predictions = self._predictions(schema)
+        job = self._job(url, reference_size=[click.width, click.height], output=predictions.output)
         # several objects: those answered before (newer Label Studio versions resend every rectangle) are skipped
         several = len(click.objects) > 1
         job.objects = [ObjectJob(points=o.points, point_labels=o.point_labels, box=o.box,
@@ -178,9 +192,7 @@ class LabelStudioAdapter:
             raise PredictError(result["error"], int(result.get("status", 500)))
         log.info("masks for %s: cached=%s %s", url, result.get("cached"),
                  " ".join(f"{k}={v:.1f}ms" for k, v in (result.get("timings_ms") or {}).items()))
-        version = result.get("model_version") or self.model_version
-        regions, scores = self._suggested(url, schema, targets, result, [o.label for o in click.objects])
-        return {"result": regions, "score": max(scores, default=0.0), "model_version": version}
+        return predictions.interactive(url, result, [o.label for o in click.objects], self.model_version)
 
     # --- training events ------------------------------------------------------------------------
 
@@ -207,4 +219,10 @@ def _with_image_url(event: dict) -> dict:
     except ConfigError:
         return event
     url = (task.get("data") or {}).get(key)
-    return {**event, "samlight": {"image_url": url}} if isinstance(url, str) else event
+    if not isinstance(url, str):
+        return event
+    try:
+        url = task_image_url(url, task.get("id"))
+    except FetchError:  # recorded as it came: training reports the image it cannot fetch
+        pass
+    return {**event, "samlight": {"image_url": url}}

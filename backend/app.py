@@ -18,13 +18,14 @@ from werkzeug.exceptions import HTTPException
 
 from serving.corrections import CorrectionSink, create_correction_sink
 from serving.images import ImageFetcher
-from backend.labels import ConfigError, parse_config
+from serving.labels import ConfigError, parse_config
 from serving.errors import StatusError
 from backend.failures import RecentFailures
 from backend.adapter import LabelStudioAdapter, Services
 from serving.options import ProjectOptions, ProjectOptionsStore, project_key
 from serving import labelstudio
 from backend.prompts import PromptError
+from serving.preannotation import create_queue
 from serving.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
 
@@ -84,7 +85,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
     logging.getLogger().setLevel(settings.core.log_level)
     fetcher = fetcher or ImageFetcher.from_settings(settings.core.fetch)
     segmenter = segmenter or create_segmenter(settings.core, fetcher)
-    services = Services(segmenter=segmenter, fetcher=fetcher, sink=sink or create_correction_sink(settings.core))
+    services = Services(segmenter=segmenter, fetcher=fetcher, sink=sink or create_correction_sink(settings.core),
+                        preannotations=create_queue(settings.core, segmenter, fetcher), inline_s=settings.auto_inline_s)
     if settings.preload and hasattr(segmenter, "load_in_background"):
         segmenter.load_in_background()
     predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
@@ -146,6 +148,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         status = "DOWN" if "error" in details else ("DEGRADED" if degraded else "UP")
         body = {"status": status, "model_class": LabelStudioAdapter.__name__, "model_version": segmenter.model_version,
                 **details, "degraded": degraded, "corrections": corrections, "failures": failures.summary()}
+        if services.preannotations is not None:
+            body["preannotation"] = services.preannotations.progress()
         return jsonify(body), 503 if status == "DOWN" else 200
 
     @app.post("/setup")

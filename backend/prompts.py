@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from backend.labels import LabelingSchema
+from serving.labels import LabelingSchema
 
 
 MAX_KEYPOINTS = 64

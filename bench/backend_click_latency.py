@@ -24,7 +24,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from backend.labels import SMART_CONFIG  # noqa: E402
+from serving.labels import SMART_CONFIG  # noqa: E402
 from testbed import FileServer, free_port  # noqa: E402
 
 

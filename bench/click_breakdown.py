@@ -62,7 +62,7 @@ def click_body(url: str, x: float, config: str, options: dict) -> dict:
 
 
 def labeling_config() -> str:
-    from backend.labels import SMART_CONFIG
+    from serving.labels import SMART_CONFIG
 
     return SMART_CONFIG.replace("</View>", """  <PolygonLabels name="outline" toName="image"><Label value="Object"/></PolygonLabels>
   <RectangleLabels name="bbox" toName="image"><Label value="Object"/></RectangleLabels>

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from loadtest import TOKEN, Stack  # noqa: E402
 from testbed import FileServer, RedisServer, free_port, wait_port  # noqa: E402
-from backend.labels import SMART_CONFIG  # noqa: E402
+from serving.labels import SMART_CONFIG  # noqa: E402
 
 IMAGES = REPO.parent / "shared" / "data" / "coco_tiny" / "val2017"
 DEADLINE_S = 5.0  # the backend's click deadline (SAMLIGHT_DEADLINE_MS default)

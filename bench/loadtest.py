@@ -43,7 +43,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from backend.labels import SMART_CONFIG  # noqa: E402  (the labeling config the README recommends)
+from serving.labels import SMART_CONFIG  # noqa: E402  (the labeling config the README recommends)
 from testbed import FileServer, RedisServer, free_port, wait_port  # noqa: E402
 
 TOKEN = "loadtest-legacy-token"

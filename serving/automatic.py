@@ -2,7 +2,7 @@
 
 As ``segment_anything.SamAutomaticMaskGenerator`` does it (its ``utils.amg`` helpers): a grid of one-point
 prompts, three candidates each, kept when the predicted IoU and the stability score pass their thresholds,
-then box non-maximum suppression. Two changes for speed: the grid runs in a few large decoder batches on the
+then box non-maximum suppression, optionally over crops of the image too (small objects). Two changes for speed: the grid runs in a few large decoder batches on the
 embedding the image already has (the generator re-embeds the image), and the two scores are computed on the
 low-resolution logits, so only the masks that pass are upsampled to the image's size.
 """
@@ -10,7 +10,7 @@ low-resolution logits, so only the masks that pass are upsampled to the image's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -28,23 +28,70 @@ class AutoSpec:
     pred_iou: float = 0.88  # the decoder's predicted IoU must be at least this
     stability: float = 0.95  # IoU between the mask at logit thresholds -1 and +1 must be at least this
     box_nms: float = 0.7  # of two masks whose boxes overlap more than this (IoU), the lower-scoring one goes
+    crop_layers: int = 0  # small objects: layer i adds (2^i)² overlapping crops, each embedded and gridded
+    crop_overlap: float = 512 / 1500  # as SAM's generator
     batch: int = 256  # prompts per decoder call
     max_masks: int = 200  # the best this many, at most
 
 
-def automatic_masks(predictor: "Predictor", embedding: "ImageEmbedding", spec: AutoSpec
-                    ) -> list[tuple["torch.Tensor", float]]:
-    """``(mask, score)`` pairs, best first: each mask (H, W) bool on the predictor's device, its predicted IoU."""
+def automatic_masks(predictor: "Predictor", embedding: "ImageEmbedding", spec: AutoSpec,
+                    image: Callable[[], np.ndarray] | None = None) -> list[tuple["torch.Tensor", float]]:
+    """``(mask, score)`` pairs, best first: each mask (H, W) bool on the predictor's device, its predicted IoU.
+
+    With crop layers, ``image()`` gives the picture to crop (only called then); masks that touch a crop's inner
+    edge are dropped, and across crops the mask of the smaller crop wins, as in SAM's generator.
+    """
     import torch
-    from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+    from segment_anything.utils.amg import (build_all_layer_point_grids, generate_crop_boxes,
+                                            is_box_near_crop_edge, uncrop_masks)
     from torchvision.ops import batched_nms
 
     height, width = embedding.original_size
-    grid = build_point_grid(spec.points_per_side) * np.array([width, height])
+    crops, layers = ([[0, 0, width, height]], [0]) if spec.crop_layers == 0 else \
+        generate_crop_boxes((height, width), spec.crop_layers, spec.crop_overlap)
+    grids = build_all_layer_point_grids(spec.points_per_side, spec.crop_layers, 1)
+    picture = image() if spec.crop_layers else None
+    found: list[tuple] = []  # (masks at full size, scores, boxes, crop area)
+    for crop, layer in zip(crops, layers):
+        x0, y0, x1, y1 = crop
+        here = embedding if layer == 0 else predictor.embed(np.ascontiguousarray(picture[y0:y1, x0:x1]))
+        masks, scores, boxes = _grid_masks(predictor, here, grids[layer], spec)
+        if layer > 0 and len(scores):
+            inside = ~is_box_near_crop_edge(boxes, crop, [0, 0, width, height])
+            masks, scores = uncrop_masks(masks[inside], crop, height, width), scores[inside]
+            boxes = _boxes(masks)
+        found.append((masks, scores, boxes, (x1 - x0) * (y1 - y0)))
+    masks = torch.cat([m for m, *_ in found])
+    if len(masks) == 0:
+        return []
+    scores, boxes = torch.cat([s for _, s, *_ in found]), torch.cat([b for _, _, b, _ in found])
+    if len(found) > 1:  # across crops the smaller crop's mask wins (it saw the object at a higher resolution)
+        rank = torch.cat([torch.full_like(s, 1.0 / area) for _, s, _, area in found])
+        kept = batched_nms(boxes, rank, torch.zeros_like(rank), iou_threshold=spec.box_nms)
+        masks, scores = masks[kept], scores[kept]
+    order = scores.argsort(descending=True)[: spec.max_masks]
+    return [(masks[i], float(scores[i])) for i in order.tolist()]
+
+
+def _boxes(masks: "torch.Tensor") -> "torch.Tensor":
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    return batched_mask_to_box(masks).float()
+
+
+def _grid_masks(predictor: "Predictor", embedding: "ImageEmbedding", grid: np.ndarray, spec: AutoSpec):
+    """The masks (K, H, W) bool of one image's (or crop's) point grid that pass the thresholds and box NMS,
+    with their scores and boxes."""
+    import torch
+    from segment_anything.utils.amg import calculate_stability_score
+    from torchvision.ops import batched_nms
+
+    height, width = embedding.original_size
+    points_xy = grid * np.array([width, height])
     threshold = predictor.model.mask_threshold
     logits, scores = [], []
-    for start in range(0, len(grid), spec.batch):
-        points = grid[start:start + spec.batch, None, :]
+    for start in range(0, len(points_xy), spec.batch):
+        points = points_xy[start:start + spec.batch, None, :]
         low_res, iou = predictor.decode(embedding, points, np.ones(points.shape[:2], dtype=np.int64),
                                         multimask_output=True)
         low_res, iou = low_res.flatten(0, 1), iou.flatten()
@@ -54,12 +101,13 @@ def automatic_masks(predictor: "Predictor", embedding: "ImageEmbedding", spec: A
         scores.append(iou[keep])
     logits, scores = torch.cat(logits), torch.cat(scores)
     if len(scores) == 0:
-        return []
+        empty = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
+        return empty, scores, torch.zeros((0, 4), device=logits.device)
     order = scores.argsort(descending=True)[: spec.max_masks * 4]  # NMS drops many; upsample only the leaders
     masks = predictor.model.postprocess_masks(logits[order, None], embedding.input_size, embedding.original_size)
     masks, scores = masks[:, 0] > threshold, scores[order]
     present = masks.flatten(1).any(1)
     masks, scores = masks[present], scores[present]
-    boxes = batched_mask_to_box(masks).float()
+    boxes = _boxes(masks)
     kept = batched_nms(boxes, scores, torch.zeros_like(scores), iou_threshold=spec.box_nms)[: spec.max_masks]
-    return [(masks[i], float(scores[i])) for i in kept.tolist()]
+    return masks[kept], scores[kept], boxes[kept]

@@ -86,6 +86,10 @@ class Keys:
         return [self.worker_queue(worker), self.shared_queue, self.worker_bulk_queue(worker), self.shared_bulk_queue]
 
     @property
+    def preannotation(self) -> str:  # hash: background pre-annotation counts (submitted, posted, failed, ...)
+        return f"{self.prefix}:preannotation"
+
+    @property
     def training_queue(self) -> str:
         return f"{self.prefix}-training"
 
@@ -317,7 +321,9 @@ def _project_defaults(read: Environment) -> ProjectOptions:
              "auto_label": read.text("SAMLIGHT_AUTO_LABEL"),
              "auto_points_per_side": read.integer("SAMLIGHT_AUTO_POINTS_PER_SIDE", None),
              "auto_pred_iou": read.number("SAMLIGHT_AUTO_PRED_IOU", None),
-             "auto_stability": read.number("SAMLIGHT_AUTO_STABILITY", None)}  # None: unset
+             "auto_stability": read.number("SAMLIGHT_AUTO_STABILITY", None),
+             "auto_box_nms": read.number("SAMLIGHT_AUTO_BOX_NMS", None),
+             "auto_crop_layers": read.integer("SAMLIGHT_AUTO_CROP_LAYERS", None)}  # None: unset
     return ProjectOptions().updated({key: value for key, value in given.items() if value is not None},
                                     name=lambda key: f"SAMLIGHT_{key.upper()}")
 

@@ -1,7 +1,10 @@
 """Fetching task images the way Label Studio serves them.
 
-``ImageFetcher.fetch(url)`` resolves relative ``/data/upload/...`` and ``/data/local-files/...`` URLs against
-``LABEL_STUDIO_URL``, downloads with a byte limit and one wall-clock deadline for the whole fetch (redirects
+``task_image_url(url, task_id)`` is the one rule for a task's image: a cloud-storage URI (``s3://``, ``gs://``,
+``azure-blob://``, any scheme a Label Studio storage produces) becomes Label Studio's presign endpoint for that
+task, which redirects to a presigned URL (or proxies the bytes when the storage does not presign).
+``ImageFetcher.fetch(url)`` resolves relative ``/data/upload/...``, ``/data/local-files/...`` and presign URLs
+against ``LABEL_STUDIO_URL``, downloads with a byte limit and one wall-clock deadline for the whole fetch (redirects
 and a trickling server included), and decodes (EXIF-corrected RGB, pixel and aspect limits).
 
 The Label Studio API key is sent only to the Label Studio origin, decided on the URL exactly as the HTTP client
@@ -22,8 +25,9 @@ import hashlib
 import json
 import logging
 import threading
+import re
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -41,6 +45,36 @@ class FetchError(StatusError):
     """An image could not be fetched or decoded; ``status`` is the HTTP status the backend answers with."""
 
     default_status = 502
+
+
+# schemes fetched directly, or refused with their own message; any other ``scheme://`` is a storage URI
+_DIRECT_SCHEMES = ("http", "https", "data", "file", "")
+_PRESIGN_PATH = re.compile(r"^/tasks/(\d+)/(?:presign|resolve)/$")
+
+
+def task_image_url(url: str, task_id: object) -> str:
+    """The URL to fetch for a task's image: a cloud-storage URI becomes ``/tasks/<id>/presign/?fileuri=...``
+    (relative to Label Studio, like an upload), anything else is returned as it is."""
+    if not isinstance(url, str) or "://" not in url or urlsplit(url.strip()).scheme.lower() in _DIRECT_SCHEMES:
+        return url
+    if isinstance(task_id, bool) or not isinstance(task_id, int) and not (isinstance(task_id, str) and task_id.isdigit()):
+        raise FetchError(f"the image {url} is in cloud storage: Label Studio can presign it only for a task, "
+                         "and this one has no id", 400)
+    fileuri = base64.urlsafe_b64encode(url.strip().encode()).decode()
+    return f"/tasks/{int(task_id)}/presign/?fileuri={quote(fileuri)}"
+
+
+def storage_uri(url: str) -> tuple[str, str] | None:
+    """(task id, storage URI) of a Label Studio presign URL, None for any other URL."""
+    parts = urlsplit(url)
+    match = _PRESIGN_PATH.match(parts.path)
+    fileuri = parse_qs(parts.query).get("fileuri")
+    if not match or not fileuri:
+        return None
+    try:
+        return match.group(1), base64.urlsafe_b64decode(fileuri[0].encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        return match.group(1), fileuri[0]
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -168,13 +202,17 @@ class ImageFetcher:
         if url.startswith("//"):
             raise FetchError(f"scheme-relative image URL {url!r} is not supported: use http(s)://", 400)
         if scheme == "" and url.startswith("/"):
+            if not self.label_studio_url and storage_uri(url):
+                raise FetchError(f"the image {storage_uri(url)[1]} is in cloud storage: set LABEL_STUDIO_URL and "
+                                 "LABEL_STUDIO_API_KEY so that Label Studio can presign it for the backend", 400)
             if not self.label_studio_url:
                 raise FetchError(f"the image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL "
                                  "(and LABEL_STUDIO_API_KEY) for the backend", 400)
             return self._check_url(urljoin(self.label_studio_url + "/", url.lstrip("/")))
         if scheme == "data":
             raise FetchError("inline data: URLs are not supported; upload the image to Label Studio", 400)
-        raise FetchError(f"unsupported image URL {url!r}: expected http(s) or a Label Studio /data/ path", 400)
+        raise FetchError(f"unsupported image URL {url!r}: expected http(s), a Label Studio /data/ path, or a "
+                         "cloud-storage URI of a task", 400)
 
     def image_key(self, url: str) -> str:
         """A stable cache key for an image URL (the same in every process and worker)."""
@@ -212,6 +250,7 @@ class ImageFetcher:
     def _download(self, url: str) -> bytes:
         deadline = time.monotonic() + self.timeout_s
         to_label_studio = self._is_label_studio(url)
+        presigned = storage_uri(url) if to_label_studio else None
         response = self._get(url, to_label_studio, deadline)
         if response.status_code in (401, 403) and to_label_studio and self.auth and self.auth.is_personal_token:
             response.close()  # the access token may have been revoked early: one fresh try
@@ -224,6 +263,8 @@ class ImageFetcher:
             to_label_studio = False  # the token never follows a redirect
             response = self._get(url, to_label_studio, deadline)
         with response:
+            if presigned is not None:
+                self._check_presigned(response, url, to_label_studio, presigned)
             self._check_status(response, url, to_label_studio)
             return self._read_limited(response, url, deadline)
 
@@ -247,6 +288,23 @@ class ImageFetcher:
             raise FetchError(f"timed out after {self.timeout_s:g}s fetching {url}", 504) from None
         except requests.RequestException as error:
             raise FetchError(f"cannot fetch {url}: {error.__class__.__name__}: {error}", 502) from None
+
+    @staticmethod
+    def _check_presigned(response: requests.Response, url: str, from_label_studio: bool,
+                         presigned: tuple[str, str]) -> None:
+        """Errors of a cloud-storage image that name the storage problem rather than a URL nobody typed."""
+        code = response.status_code
+        if code == 200 or (from_label_studio and code in (401, 403)):  # 401/403 there: the token's message
+            return
+        task, uri = presigned
+        if from_label_studio:
+            raise FetchError(f"Label Studio could not presign {uri} for task {task} (HTTP {code}): no cloud storage "
+                             "of the project holds it, or the storage cannot sign it; check the project's Cloud "
+                             "Storage settings (bucket, prefix, credentials)", 502)
+        where = urlsplit(url)
+        raise FetchError(f"the cloud storage refused the presigned URL for {uri} (HTTP {code} from "
+                         f"{where.scheme}://{where.netloc}): check the storage's credentials and presign TTL in "
+                         "Label Studio", 502)
 
     def _check_status(self, response: requests.Response, url: str, to_label_studio: bool) -> None:
         code = response.status_code

@@ -138,6 +138,8 @@ class SegmentJob:
                 raise JobError("an automatic-masks job has no objects")
             if not 1 <= self.auto.points_per_side <= 128:
                 raise JobError(f"job.auto.points_per_side must be 1 to 128, got {self.auto.points_per_side}")
+            if not 0 <= self.auto.crop_layers <= 3:
+                raise JobError(f"job.auto.crop_layers must be 0 to 3, got {self.auto.crop_layers}")
             return
         if not self.objects:
             raise JobError("a segmentation job needs at least one object (points or a box)")
@@ -204,7 +206,7 @@ def execute(job: SegmentJob, predictor: "Predictor", fetcher: ImageFetcher, mode
         start = time.perf_counter()
         from serving.automatic import automatic_masks
 
-        found = automatic_masks(predictor, embedding, job.auto)
+        found = automatic_masks(predictor, embedding, job.auto, image=lambda: fetcher.fetch(job.image_url))
         timings["mask"] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         objects = [{"score": score, "refined": False, **_outputs(mask, job.output)} for mask, score in found]

@@ -21,6 +21,8 @@ environment variables, read by ``serving.config``) for each prediction.
 | ``auto_label`` | label name | first | the automatic masks' label (each target's first label when none has it) |
 | ``auto_points_per_side`` | integer 1-128 | 32 | the automatic masks' grid of point prompts per side |
 | ``auto_pred_iou``, ``auto_stability`` | number in [0, 1] | 0.88, 0.95 | automatic masks' quality thresholds |
+| ``auto_box_nms`` | number in [0, 1] | 0.7 | of two automatic masks whose boxes overlap more (IoU), the weaker goes |
+| ``auto_crop_layers`` | integer 0-3 | 0 | small objects: also grid overlapping crops (layer i: (2^i)² crops) |
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class ProjectOptions:
     auto_points_per_side: int = 32
     auto_pred_iou: float = 0.88
     auto_stability: float = 0.95
+    auto_box_nms: float = 0.7
+    auto_crop_layers: int = 0
 
     def updated(self, values: Mapping[str, Any],
                 name: Callable[[str], str] = lambda key: f"'extra_params.{key}'") -> "ProjectOptions":
@@ -148,6 +152,8 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "auto_points_per_side": _number(1, 128, integer=True),
     "auto_pred_iou": _number(0, 1),
     "auto_stability": _number(0, 1),
+    "auto_box_nms": _number(0, 1),
+    "auto_crop_layers": _number(0, 3, integer=True),
 }
 
 

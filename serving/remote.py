@@ -211,11 +211,11 @@ class RQSegmenter:
 
     # Segmenter protocol
 
-    def segment(self, jobs) -> list[dict]:
+    def segment(self, jobs, bulk: bool = False) -> list[dict]:
         """One result per job; an outage gives every job ``{"error", "status"}`` within the deadline."""
         jobs = list(jobs)
         try:
-            return self.run(jobs, "click")
+            return self.run(jobs, "bulk" if bulk else "click")
         except SegmenterUnavailable as error:
             return [{"error": str(error), "status": error.status} for _ in jobs]
 

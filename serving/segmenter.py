@@ -34,8 +34,9 @@ class Segmenter(Protocol):
     def model_version(self) -> str:
         """The active model's version; cheap (never loads a model)."""
 
-    def segment(self, jobs: list[SegmentJob]) -> list[dict]:
-        """One result dict per job, in order (``jobs.execute``'s dict, or ``{"error": msg, "status": code}``)."""
+    def segment(self, jobs: list[SegmentJob], bulk: bool = False) -> list[dict]:
+        """One result dict per job, in order (``jobs.execute``'s dict, or ``{"error": msg, "status": code}``);
+        ``bulk`` work (background pre-annotation) waits behind clicks."""
 
     def prewarm(self, jobs: list[SegmentJob]) -> None:
         """Start computing the jobs' image embeddings; returns at once, best effort."""
@@ -188,12 +189,12 @@ class InProcessSegmenter:
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def _run(self, job: SegmentJob) -> dict:
+    def _run(self, job: SegmentJob, bulk: bool = False) -> dict:
         with self._counter_lock:
             self._inflight += 1
         try:
             predictor = self.predictor()
-            click = not job.prewarm_only
+            click = not (job.prewarm_only or bulk)
             wait_s = self.settings.slot_wait_s if click else self.PREWARM_SLOT_WAIT_S
             with self._key_locks(job.image_key):
                 timings, image = {}, None
@@ -220,8 +221,8 @@ class InProcessSegmenter:
             with self._counter_lock:
                 self._inflight -= 1
 
-    def segment(self, jobs: list[SegmentJob]) -> list[dict]:
-        return [self._run(job) for job in jobs]
+    def segment(self, jobs: list[SegmentJob], bulk: bool = False) -> list[dict]:
+        return [self._run(job, bulk) for job in jobs]
 
     def prewarm(self, jobs: list[SegmentJob]) -> None:
         # at most a cache's worth queued: a batch over thousands of tasks must not queue hours of encoding

@@ -18,7 +18,7 @@ from PIL import Image
 from backend.app import create_app
 from serving.corrections import FileCorrectionSink
 from serving.config import EmbeddedSettings, FetchSettings, Settings
-from backend.labels import SMART_CONFIG
+from serving.labels import SMART_CONFIG
 from serving.labelstudio import brush_regions, rle_to_mask
 from serving.source import ModelSource
 from backend.settings import BackendSettings
@@ -291,8 +291,7 @@ def test_every_target_gets_the_mask_in_its_form(client, photo):
 
 def test_automatic_masks_pre_annotate_a_batch(host, tmp_path, photo, coco_val_images):
     """auto_annotate: a batch call (a task opened, Retrieve Predictions) gets masks for the whole image in every
-    target's form, with the configured label; a failing image gets none, and tasks past the inline limit are
-    left for later."""
+    target's form, with the configured label; a failing image gets none."""
     client = make_app(host, tmp_path, ModelSource(random="lightening_test")).test_client()
     names = [p.name for p in coco_val_images[:5]]
     tasks = [{"id": i, "data": {"image": f"/data/upload/{name}"}} for i, name in enumerate(names)]
@@ -301,14 +300,46 @@ def test_automatic_masks_pre_annotate_a_batch(host, tmp_path, photo, coco_val_im
                "auto_stability": 0, "min_area": 0}  # random weights: scores near 0
     body = {"tasks": tasks, "label_config": TARGETS_CONFIG, "params": {"context": None}, "extra_params": options}
     results = client.post("/predict", json=body).get_json()["results"]
-    assert len(results) == 5 and results[1] == [] and results[4] == []
-    for prediction in (results[0], results[2], results[3]):
+    assert len(results) == 5 and results[1] == []
+    for prediction in (results[0], results[2], results[3], results[4]):
         kinds = {r["type"] for r in prediction["result"]}
         assert kinds == {"brushlabels", "polygonlabels", "rectanglelabels"}, kinds
         assert all(r["value"][r["type"]] == ["Object"] for r in prediction["result"])
         assert 0 <= prediction["score"] <= 1 and prediction["model_version"] == "random-lightening_test-0"
     strict = {**body, "tasks": tasks[:1], "extra_params": {**options, "auto_pred_iou": 1}}
     assert client.post("/predict", json=strict).get_json()["results"][0]["result"] == []
+
+
+def test_a_batch_past_the_inline_budget_is_finished_in_the_background(host, tmp_path, coco_val_images):
+    """What the inline budget leaves is queued on disk and posted to Label Studio's API by the backend's
+    background thread, under the model version; a task that already has one of that version is skipped, and a
+    failing image is kept as failed with its error in /health."""
+    app = make_app(host, tmp_path, ModelSource(random="lightening_test"), auto_inline_s=0)
+    client = app.test_client()
+    names = [p.name for p in coco_val_images[:6]]
+    tasks = [{"id": 100 + i, "data": {"image": f"/data/upload/{name}"}} for i, name in enumerate(names)]
+    tasks[2]["data"]["image"] = "/data/upload/missing.jpg"
+    host.predictions.append({"task": 105, "result": [], "model_version": "random-lightening_test-0"})
+    options = {"auto_annotate": True, "auto_label": "Object", "auto_points_per_side": 4, "auto_pred_iou": 0,
+               "auto_stability": 0, "min_area": 0}
+    body = {"tasks": tasks, "label_config": TARGETS_CONFIG, "extra_params": options}
+    assert client.post("/predict", json=body).get_json()["results"] == [[]] * 6  # nothing inline
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = client.get("/health").get_json()["preannotation"]
+        if progress.get("posted", 0) + progress.get("skipped", 0) + progress.get("failed", 0) == 6:
+            break
+        time.sleep(0.2)
+    assert progress["submitted"] == 6 and progress["posted"] == 4 and progress["skipped"] == 1, progress
+    assert progress["failed"] == 1 and progress["failed_tasks"] == 1 and "missing.jpg" in progress["last_error"]
+    assert progress["queued"] == progress["running"] == 0
+    posted = {p["task"]: p for p in host.predictions[1:]}
+    assert sorted(posted) == [100, 101, 103, 104]
+    for prediction in posted.values():
+        assert prediction["model_version"] == "random-lightening_test-0" and 0 <= prediction["score"] <= 1
+        assert {r["type"] for r in prediction["result"]} == {"brushlabels", "polygonlabels", "rectanglelabels"}
+    assert all(h["Authorization"] == f"Token {host.legacy_token}" for m, path, h in host.requests
+               if path.startswith("/api/predictions/"))
 
 
 def test_polygon_only_project(client, photo):
@@ -609,7 +640,7 @@ def test_embedded_model_is_warmed_up_before_the_first_click(host, tmp_path):
 
 def test_request_path_does_not_import_torch():
     code = ("import sys, backend.app, backend.adapter, serving.jobs, serving.segmenter, serving.images, "
-            "serving.corrections, backend.labels, backend.prompts; "
+            "serving.corrections, serving.labels, backend.prompts; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.images import FetchError, ImageFetcher
+from serving.images import FetchError, ImageFetcher, storage_uri, task_image_url
 from e2e.servers import ImageHost, make_jwt
 from samlight.image_io import ImageLimits, load_image
 
@@ -95,6 +95,28 @@ def test_clear_errors(host):
         ImageFetcher(allow=LOOPBACK).fetch("http://127.0.0.1:1/x.jpg")
     with pytest.raises(FetchError, match="scheme-relative") as info:
         fetcher.fetch("//example.com/x.jpg")
+    assert info.value.status == 400
+
+
+def test_cloud_storage_images_come_through_label_studios_presign_endpoint(host, image_dir):
+    url = task_image_url("s3://photos/photo.jpg", 7)
+    assert url.startswith("/tasks/7/presign/?fileuri=") and storage_uri(url) == ("7", "s3://photos/photo.jpg")
+    for direct in ("https://example.com/a.jpg", "/data/upload/a.jpg", "/data/local-files/?d=a.jpg"):
+        assert task_image_url(direct, 7) == direct
+    fetcher = ImageFetcher(host.url, api_key=host.legacy_token)
+    assert np.array_equal(fetcher.fetch(url), load_image(image_dir / "photo.jpg"))
+    (_, presign, asked), (_, served, redirected) = host.requests[-2:]
+    assert presign.startswith("/tasks/7/presign/") and asked["Authorization"] == f"Token {host.legacy_token}"
+    assert served == "/files/photo.jpg" and "Authorization" not in redirected  # never on a redirect
+    # failures name the storage problem, not a URL nobody typed
+    with pytest.raises(FetchError, match=r"could not presign s3://other/photo.jpg for task 7 .*Cloud Storage"):
+        fetcher.fetch(task_image_url("s3://other/photo.jpg", 7))
+    with pytest.raises(FetchError, match="refused the image"):
+        ImageFetcher(host.url, api_key="wrong").fetch(url)
+    with pytest.raises(FetchError, match="in cloud storage: set LABEL_STUDIO_URL"):
+        ImageFetcher().fetch(url)
+    with pytest.raises(FetchError, match="has no id") as info:
+        task_image_url("gs://photos/photo.jpg", None)
     assert info.value.status == 400
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from serving.jobs import JobError, ObjectJob, OutputSpec, SegmentJob
-from backend.labels import SMART_CONFIG, ConfigError, Target, parse_config
+from serving.labels import SMART_CONFIG, ConfigError, Target, parse_config
 from backend.prompts import PromptError, parse_context
 
 

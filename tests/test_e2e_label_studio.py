@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from serving.corrections import FileCorrectionSink
-from backend.labels import SMART_CONFIG
+from serving.labels import SMART_CONFIG
 from serving.labelstudio import brush_regions, rle_to_mask
 from serving.testing import point_radius
 from testbed import free_port

@@ -151,7 +151,7 @@ def test_backend_app_over_rq(fleet, monkeypatch):
     """The Flask backend with REDIS_URL: clicks, webhooks, /versions, /setup and /health go through Redis."""
     from backend.app import create_app
     from serving.config import FetchSettings, Settings
-    from backend.labels import SMART_CONFIG
+    from serving.labels import SMART_CONFIG
     from backend.settings import BackendSettings
 
     monkeypatch.setenv("MODEL_DIR", str(fleet["model_dir"]))

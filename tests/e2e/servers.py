@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 
 def make_jwt(claims: dict) -> str:
@@ -24,6 +26,10 @@ class ImageHost:
     from ``POST /api/token/refresh/`` with the personal (refresh) token. Special paths: ``/slow`` (sleeps),
     ``/text`` (HTML), ``/big`` (many bytes), ``/trickle`` (one byte every 0.2 s, for a minute), ``/redirect?to=URL``
     (302). Every request's headers are recorded in ``requests``.
+
+    Like Label Studio it also takes predictions (``POST /api/predictions/``, kept in ``predictions``; ``GET
+    /api/predictions/?task=N``) and presigns cloud URIs of the bucket ``photos`` (``GET /tasks/N/presign/?fileuri=
+    <base64 s3://photos/NAME>`` redirects to ``/files/NAME``; other buckets: 404).
     """
 
     def __init__(self, directory: Path, legacy_token: str = "legacy-token-123",
@@ -33,6 +39,7 @@ class ImageHost:
         self.personal_token = personal_token
         self.access_ttl = access_ttl
         self.issued: list[str] = []
+        self.predictions: list[dict] = []
         self.requests: list[tuple[str, str, dict]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -81,6 +88,10 @@ class ImageHost:
                                        "n": len(host.issued)})
                     host.issued.append(access)
                     return self._send(200, json.dumps({"access": access}).encode(), "application/json")
+                if self.path == "/api/predictions/" and host.authorized(self.headers.get("Authorization")):
+                    host.predictions.append(data)
+                    return self._send(201, json.dumps({"id": len(host.predictions), **data}).encode(),
+                                      "application/json")
                 return self._send(401, b'{"detail": "bad token"}', "application/json")
 
             def do_GET(self):
@@ -96,6 +107,22 @@ class ImageHost:
                 if path == "/redirect" or path.startswith("/data/upload/redirect"):
                     self.send_response(302)
                     self.send_header("Location", self.path.split("to=", 1)[1] if "to=" in self.path else "/")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                query = parse_qs(self.path.split("?", 1)[1]) if "?" in self.path else {}
+                if path == "/api/predictions/" and host.authorized(self.headers.get("Authorization")):
+                    task = int(query.get("task", ["-1"])[0])
+                    found = [p for p in host.predictions if p.get("task") == task]
+                    return self._send(200, json.dumps(found).encode(), "application/json")
+                if re.fullmatch(r"/tasks/\d+/presign/", path):
+                    if not host.authorized(self.headers.get("Authorization")):
+                        return self._send(401, b'{"detail": "no token"}', "application/json")
+                    uri = base64.urlsafe_b64decode(query.get("fileuri", [""])[0]).decode()
+                    if not uri.startswith("s3://photos/"):
+                        return self._send(404, b"", "application/json")
+                    self.send_response(303)
+                    self.send_header("Location", f"{host.url}/files/{uri[len('s3://photos/'):]}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
