@@ -1,6 +1,6 @@
 """Local servers the tests and the benchmarks start on 127.0.0.1: one copy of each.
 
-A free port, a real ``redis-server``, and a file host that serves images the way Label Studio does
+A free port, a real ``redis-server``, an S3-compatible server (moto), and a file host that serves images the way Label Studio does
 (``/data/upload/<name>`` behind its token check) or plainly (any other path). Not part of the product:
 nothing under ``samlight/``, ``serving/``, ``backend/`` or ``workers/`` imports it.
 """
@@ -123,3 +123,35 @@ class FileServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class S3Server:
+    """An S3-compatible server on 127.0.0.1: moto's server mode (``moto[server]`` from PyPI), in a subprocess.
+
+    Credentials are fixed test values; moto accepts any and signs presigned URLs the way S3 does."""
+
+    ACCESS_KEY, SECRET_KEY, REGION = "samlight-test", "samlight-test-secret", "us-east-1"
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "S3Server":
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, 30, "moto server", self.process)
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.ACCESS_KEY,
+                            aws_secret_access_key=self.SECRET_KEY, region_name=self.REGION)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)

@@ -194,6 +194,43 @@ def test_backend_app_over_rq(fleet, monkeypatch):
         "project": "1.1", "schema": SMART_CONFIG}).get_json()["model_version"]
 
 
+def test_a_large_batch_is_pre_annotated_inline_then_by_the_workers(fleet):
+    """Retrieve Predictions on 300 tasks (Label Studio sends them in one call): the backend answers what fits in
+    its inline budget, the workers finish the rest from RQ's bulk queue and post each task's prediction to
+    Label Studio's API. Every task ends with exactly one prediction; none is lost or doubled."""
+    from backend.app import create_app
+    from backend.settings import BackendSettings
+    from serving.config import FetchSettings, Settings
+
+    host = fleet["label_studio"]
+    settings = BackendSettings(Settings(redis_url=fleet["redis"].url, model_dir=fleet["model_dir"], fetch=FetchSettings(
+        label_studio_url=host.url, api_key=host.personal_token)), preload=False, auto_inline_s=1.0)
+    client = create_app(settings).test_client()
+    # distinct URLs (each its own embedding) over the 80 photos
+    tasks = [{"id": 1000 + i, "data": {"image": f"/data/upload/{fleet['names'][i % 80]}?copy={i}"}}
+             for i in range(300)]
+    options = {"auto_annotate": True, "auto_points_per_side": 4, "auto_pred_iou": 0, "auto_stability": 0,
+               "min_area": 0, "outputs": ["box"]}
+    config = ('<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">'
+              '<Label value="Object"/></RectangleLabels><KeyPointLabels name="kp" toName="image" smart="true">'
+              '<Label value="Object"/></KeyPointLabels></View>')
+    results = client.post("/predict", json={"tasks": tasks, "label_config": config, "extra_params": options}
+                          ).get_json()["results"]
+    inline = {task["id"] for task, answer in zip(tasks, results) if answer}
+    assert len(results) == 300 and 0 < len(inline) < 300
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        progress = client.get("/health").get_json()["preannotation"]
+        if progress.get("posted", 0) + progress.get("skipped", 0) + progress.get("failed", 0) >= 300 - len(inline):
+            break
+        time.sleep(0.5)
+    assert progress["mode"] == "rq" and progress["submitted"] == 300 - len(inline), progress
+    assert progress["posted"] == 300 - len(inline) and "failed" not in progress, progress
+    posted = [p["task"] for p in host.predictions if p["task"] >= 1000]
+    assert sorted(posted + sorted(inline)) == [task["id"] for task in tasks]  # each task once
+    assert all(r["type"] == "rectanglelabels" for p in host.predictions for r in p["result"])
+
+
 def test_no_worker_fails_fast(redis_server):
     segmenter = RQSegmenter(WorkerSettings(redis_server.url, deadline_ms=3000), ImageFetcher())
     started = time.monotonic()

@@ -14,6 +14,8 @@ that ``torch.compile`` froze itself). Eager mode works too, but pays the quantiz
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 
 import torch
 from segment_anything.modeling.common import MLPBlock
@@ -27,6 +29,17 @@ ACTIVATIONS = ("none", "gelu")
 def available() -> bool:
     """oneDNN's int8 GEMM is in this torch build (x86 CPUs)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+@functools.cache
+def activation_levels() -> int:
+    """The uint8 activation range: 255 levels with VNNI/AMX; without them (AVX2) oneDNN's u8*s8 kernel adds
+    pairs of products in int16, which saturates unless activations keep to 7 bits (PyTorch's reduce_range)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 127
+    return 255 if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")) else 127
 
 
 @torch.library.custom_op("samlight::int8_linear", mutates_args=())
@@ -79,9 +92,10 @@ class Int8Linear(nn.Module):
         # the range always contains 0, so that zero (padding, ReLU-like outputs) stays exact
         low, high = torch.aminmax(rows)
         low, high = low.float().clamp(max=0), high.float().clamp(min=0)
-        scale = ((high - low) / 255).clamp(min=1e-12)
+        levels = activation_levels()
+        scale = ((high - low) / levels).clamp(min=1e-12)
         zero_point = torch.round(-low / scale)
-        x_q = (torch.round(rows.float() / scale) + zero_point).clamp(0, 255).to(torch.uint8)
+        x_q = (torch.round(rows.float() / scale) + zero_point).clamp(0, levels).to(torch.uint8)
         out = _int8_linear(x_q, scale, zero_point.int(), self.packed_weight, self.weight_scale,
                            self.weight_zero_point, self.bias, self.activation, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
