@@ -139,8 +139,8 @@ class LabelStudioAdapter:
         return answers + [[] for _ in range(len(urls) - len(answers))]
 
     def _automatic(self, url: str, predictions: ProjectPredictions) -> tuple[dict | list, bool]:
-        """A task's automatic masks, or ``([], retry)`` when its image fails: a bad image (4xx) is not
-        retried; a busy or unreachable model is, in the background."""
+        """A task's automatic masks, or ``([], retry)`` when it fails: a busy or unreachable model, or an image
+        server that timed out (503, 504), is retried in the background; a bad or missing image is not."""
         try:
             result = self.services.segmenter.segment([self._job(url, output=predictions.output,
                                                                auto=predictions.auto)])[0]
@@ -148,7 +148,7 @@ class LabelStudioAdapter:
             result = {"error": str(error), "status": error.status}
         if "error" in result:
             log.warning("no automatic masks for %s: %s", url, result["error"])
-            return [], int(result.get("status", 500)) >= 500
+            return [], int(result.get("status", 500)) in (503, 504)
         return predictions.automatic(url, result, self.model_version), False
 
     def _in_background(self, items: list[tuple[dict, str]], predictions: ProjectPredictions) -> None:

