@@ -12,11 +12,14 @@ its casts, and re-casting every weight on every replay was a quarter of the deco
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections import OrderedDict
 
 import torch
 from segment_anything.modeling import PromptEncoder, Sam
+from torch import nn
+from torch.nn import functional as F
 
 Signature = tuple[int, int, bool, bool, bool]  # prompts, points per prompt (0 = none), box?, multimask?, mask?
 
@@ -125,3 +128,141 @@ class GraphedPromptDecoder:
                 static["masks"].copy_(masks)
             graph.replay()
             return low_res.clone(), iou.clone()
+
+
+class ReducedAttention(nn.Module):
+    """SAM's ``Attention`` between a few prompt tokens and thousands of image tokens, as broadcast products and
+    sums: inductor turns each into one fused reduction over the large side, where fused-attention kernels pad
+    the 7-token side to 64-row tiles and spend most of their time on padding. Same weights, same values."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
+        self.out_proj = attention.out_proj
+        self.num_heads = attention.num_heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        batch, queries, channels = q.shape
+        heads = self.num_heads
+        q = q.view(batch, queries, 1, heads, channels // heads)
+        k = k.view(batch, 1, -1, heads, channels // heads)
+        v = v.view(batch, 1, -1, heads, channels // heads)
+        scores = (q * k).sum(-1, dtype=torch.float32) / math.sqrt(channels // heads)  # (B, Nq, Nk, heads)
+        weights = torch.softmax(scores, dim=2).to(v.dtype)
+        out = (weights[..., None] * v).sum(2)  # (B, Nq, heads, head dim)
+        return self.out_proj(out.reshape(batch, queries, channels))
+
+
+class ChannelsLastUpsample(nn.Module):
+    """``ConvTranspose2d(kernel_size=2, stride=2)`` on channels-last maps (B, H, W, C): one GEMM over the pixels
+    (each output pixel takes exactly one input pixel) and an interleave that moves whole channel vectors."""
+
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        if conv.kernel_size != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0) or conv.groups != 1:
+            raise ValueError(f"not a 2×2 stride-2 transposed convolution: {conv}")
+        self.out_channels = conv.out_channels
+        # (Cin, Cout, 2, 2) -> (Cin, 2·2·Cout): the GEMM writes each input pixel's 2×2 outputs channel-last
+        weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.in_channels, -1)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.register_buffer("weight", weight.clone())
+        self.register_buffer("bias", bias.repeat(4).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        y = torch.addmm(self.bias, x.reshape(-1, channels), self.weight)
+        y = y.view(batch, height, width, 2, 2, self.out_channels).permute(0, 1, 3, 2, 4, 5)
+        return y.reshape(batch, 2 * height, 2 * width, self.out_channels)
+
+
+class ChannelsLastMaskDecoder(nn.Module):
+    """SAM's ``MaskDecoder`` with the upscaling kept channels-last: the transformer already returns the image
+    tokens as (B, H·W, C), SAM turns them to NCHW for two transposed convolutions and a ``LayerNorm2d`` (a
+    strided reduction over channels); here those are GEMMs, a plain ``layer_norm`` over the last dimension and
+    the hypernetwork product over contiguous channels. Same weights, same values (up to rounding)."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        up1, self.norm2d, self.act1, up2, self.act2 = decoder.output_upscaling
+        self.up1, self.up2 = ChannelsLastUpsample(up1), ChannelsLastUpsample(up2)
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.decoder
+        prompts = sparse_prompt_embeddings.size(0)
+        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse_prompt_embeddings), dim=1)
+        src = torch.repeat_interleave(image_embeddings, prompts, dim=0) + dense_prompt_embeddings
+        pos_src = torch.repeat_interleave(image_pe, prompts, dim=0)
+        batch, channels, height, width = src.shape
+        hs, keys = d.transformer(src, pos_src, tokens)
+        x = self.up1(keys.view(batch, height, width, channels))
+        norm = self.norm2d  # LayerNorm2d over channels: a layer norm over the last dimension here
+        x = self.act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = self.act2(self.up2(x))  # (B, 4H, 4W, C/8)
+        hyper_in = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=2)
+        masks = torch.bmm(x.view(batch, -1, x.shape[-1]), hyper_in).transpose(1, 2)
+        masks = masks.reshape(batch, -1, 4 * height, 4 * width)
+        iou_pred = d.iou_prediction_head(hs[:, 0])
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou_pred[:, chosen]
+
+
+class CompiledBulkDecoder:
+    """Prompt encoder + mask decoder for large batches of point prompts (automatic masks' grid), compiled,
+    with SAM's stability score.
+
+    With hundreds of prompts the decoder is bandwidth-bound, not launch-bound: each prompt carries its own
+    copy of the image tokens (4096 × 256) and of the upscaled mask features (32 × 256 × 256). Eager PyTorch
+    runs SAM's broadcasts (``keys + key_pe``), ``LayerNorm2d`` and GELUs over them as separate strided
+    kernels (most of a grid's time on an H200); inductor fuses them. The cross attentions between prompt and
+    image tokens run as ``ReducedAttention``, the upscaling channels-last (``ChannelsLastMaskDecoder``). One
+    compiled graph per batch shape (batches are padded to a
+    power of two), in bf16 on its own copy of the weights.
+    """
+
+    # inductor's coordinate-descent tuning of its kernels' block sizes: 44.5 instead of 54.4 ms per 32×32 grid
+    # on an H200, for about 55 instead of 17 s of compilation, once per process (bench/bulk_decoder_check.py)
+    OPTIONS = {"coordinate_descent_tuning": True}
+
+    def __init__(self, model: Sam, dtype: torch.dtype = torch.bfloat16, options: dict | None = None) -> None:
+        """``options``: inductor's, for this compilation (default ``OPTIONS``)."""
+        self.model = model
+        self.dtype = dtype
+        decoder = copy.deepcopy(model.mask_decoder)
+        transformer = decoder.transformer
+        for layer in transformer.layers:
+            layer.cross_attn_token_to_image = ReducedAttention(layer.cross_attn_token_to_image)
+            layer.cross_attn_image_to_token = ReducedAttention(layer.cross_attn_image_to_token)
+        transformer.final_attn_token_to_image = ReducedAttention(transformer.final_attn_token_to_image)
+        self.mask_decoder = ChannelsLastMaskDecoder(decoder).to(dtype)
+        self._compiled = torch.compile(self._decode, dynamic=False,
+                                       options=self.OPTIONS if options is None else options)
+        self._lock = threading.Lock()
+
+    def _decode(self, features, dense_pe, coords, labels, offset: float):
+        sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, None)
+        low_res, iou = self.mask_decoder(image_embeddings=features, image_pe=dense_pe,
+                                         sparse_prompt_embeddings=sparse.to(self.dtype),
+                                         dense_prompt_embeddings=dense.to(self.dtype), multimask_output=True)
+        # SAM's stability score, fused into the pass that writes the logits (no second read of them)
+        threshold = self.model.mask_threshold
+        inside = (low_res > threshold + offset).flatten(2).sum(-1, dtype=torch.int32)
+        outside = (low_res > threshold - offset).flatten(2).sum(-1, dtype=torch.int32)
+        return low_res, iou.float(), inside / outside.clamp(min=1)
+
+    @torch.inference_mode()
+    def __call__(self, features, coords, labels, offset: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K one-or-more-point prompts' three masks: low-res logits (K, 3, 256, 256) in bf16, predicted IoU and
+        stability score (K, 3)."""
+        dense_pe = self.model.prompt_encoder.get_dense_pe().to(self.dtype)
+        count = coords.shape[0]
+        padded = 1 << (count - 1).bit_length()  # a few batch shapes, each compiled once: pad to a power of two
+        pad = lambda t: torch.cat([t, t[-1:].expand(padded - count, *t.shape[1:])])  # noqa: E731
+        with self._lock:  # compilation is not thread-safe
+            low_res, iou, stability = self._compiled(features.to(self.dtype), dense_pe, pad(coords), pad(labels),
+                                                     offset)
+        return low_res[:count], iou[:count], stability[:count]

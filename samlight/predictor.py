@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
-from samlight.graphed_decoder import GraphedPromptDecoder
+from samlight.graphed_decoder import CompiledBulkDecoder, GraphedPromptDecoder
 from samlight.encoder_wrappers import CompiledEncoder, GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 from samlight.modeling import LighteningEncoder
@@ -104,6 +105,9 @@ class Predictor:
             encoder = CompiledEncoder(encoder)
         self.encoder = encoder
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
+        # large prompt batches (automatic masks) on CUDA: compiled on first use, tens of seconds once
+        self._bulk_decoder: CompiledBulkDecoder | None = None
+        self._bulk = fast and on_cuda
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
@@ -191,12 +195,27 @@ class Predictor:
                point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
                mask_input: list[torch.Tensor] | None = None,
                multimask_output: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C) of K prompts, left on the device: what
-        automatic mask generation filters before it upsamples the few masks it keeps. ``mask_input``: K
-        low-res logits (256, 256) of the previous click."""
+        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C) of K prompts, left on the device.
+        ``mask_input``: K low-res logits (256, 256) of the previous click."""
         points, labels, boxes, _ = validate_prompts(point_coords, point_labels, box, embedding.original_size)
         masks_in = torch.stack(mask_input) if mask_input else None
         return self._low_res(embedding, points, labels, boxes, masks_in, multimask_output)
+
+    @torch.inference_mode()
+    def decode_grid(self, embedding: ImageEmbedding, points: np.ndarray, stability_offset: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What automatic mask generation filters, for K one-point prompts (K, 1, 2): the three masks' low-res
+        logits (K, 3, 256, 256), predicted IoU and stability score (K, 3), on the device. On CUDA a compiled
+        decoder for these large batches (its first call compiles, about a minute)."""
+        labels = np.ones(points.shape[:2], dtype=np.int64)
+        if not self._bulk:
+            low_res, iou = self.decode(embedding, points, labels, multimask_output=True)
+            return low_res, iou, calculate_stability_score(low_res, self.model.mask_threshold, stability_offset)
+        points, labels, _, _ = validate_prompts(points, labels, None, embedding.original_size)
+        coords, labels, _ = self._prompt_tensors(embedding, points, labels, None)
+        if self._bulk_decoder is None:
+            self._bulk_decoder = CompiledBulkDecoder(self.model)
+        return self._bulk_decoder(embedding.features, coords, labels, stability_offset)
 
     @torch.inference_mode()
     def predict_best(
@@ -230,14 +249,20 @@ class Predictor:
         masks = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         return masks, iou, low_res
 
-    def _low_res(self, embedding, points, labels, boxes, mask_input, multimask_output):
-        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C), on the device."""
+    def _prompt_tensors(self, embedding, points, labels, boxes):
+        """Prompts in the encoder input's coordinates, on the device."""
         size = embedding.original_size
         to_tensor = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=self.device)  # noqa: E731
         coords = to_tensor(self.transform.apply_coords(points, size)) if points is not None else None
         labels = to_tensor(labels, torch.int) if points is not None else None
         boxes = to_tensor(self.transform.apply_boxes(boxes, size)) if boxes is not None else None
-        mask_arg = to_tensor(mask_input) if mask_input is not None else None
+        return coords, labels, boxes
+
+    def _low_res(self, embedding, points, labels, boxes, mask_input, multimask_output):
+        """Low-res mask logits (K, C, 256, 256) and predicted IoU (K, C), on the device."""
+        coords, labels, boxes = self._prompt_tensors(embedding, points, labels, boxes)
+        mask_arg = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device) \
+            if mask_input is not None else None
         if mask_arg is not None and mask_arg.dim() == 3:
             mask_arg = mask_arg[:, None]
         if self.graphed_decoder is not None:

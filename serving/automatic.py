@@ -2,9 +2,10 @@
 
 As ``segment_anything.SamAutomaticMaskGenerator`` does it (its ``utils.amg`` helpers): a grid of one-point
 prompts, three candidates each, kept when the predicted IoU and the stability score pass their thresholds,
-then box non-maximum suppression, optionally over crops of the image too (small objects). Two changes for speed: the grid runs in a few large decoder batches on the
-embedding the image already has (the generator re-embeds the image), and the two scores are computed on the
-low-resolution logits, so only the masks that pass are upsampled to the image's size.
+then box non-maximum suppression, optionally over crops of the image too (small objects). Changes for speed:
+the grid runs in a few large decoder batches on the embedding the image already has (the generator re-embeds
+the image), and the two scores and the NMS work on the low-resolution logits, so only the masks that are kept
+are upsampled to the image's size.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ def _grid_masks(predictor: "Predictor", embedding: "ImageEmbedding", grid: np.nd
     """The masks (K, H, W) bool of one image's (or crop's) point grid that pass the thresholds and box NMS,
     with their scores and boxes."""
     import torch
-    from segment_anything.utils.amg import calculate_stability_score
     from torchvision.ops import batched_nms
 
     height, width = embedding.original_size
@@ -91,23 +91,27 @@ def _grid_masks(predictor: "Predictor", embedding: "ImageEmbedding", grid: np.nd
     threshold = predictor.model.mask_threshold
     logits, scores = [], []
     for start in range(0, len(points_xy), spec.batch):
-        points = points_xy[start:start + spec.batch, None, :]
-        low_res, iou = predictor.decode(embedding, points, np.ones(points.shape[:2], dtype=np.int64),
-                                        multimask_output=True)
-        low_res, iou = low_res.flatten(0, 1), iou.flatten()
-        stable = calculate_stability_score(low_res, threshold, 1.0)
+        low_res, iou, stable = predictor.decode_grid(embedding, points_xy[start:start + spec.batch, None, :])
+        low_res, iou, stable = low_res.flatten(0, 1), iou.flatten(), stable.flatten()
         keep = (iou >= spec.pred_iou) & (stable >= spec.stability)
         logits.append(low_res[keep])
         scores.append(iou[keep])
     logits, scores = torch.cat(logits), torch.cat(scores)
+    # box NMS on the low-resolution masks (boxes within a few pixels: NMS at IoU 0.7 does not notice), so that
+    # only the survivors are upsampled to the image's size
+    low_boxes = _boxes(logits > threshold)
+    present = (low_boxes[:, 2] > low_boxes[:, 0]) | (low_boxes[:, 3] > low_boxes[:, 1])
+    logits, scores, low_boxes = logits[present], scores[present], low_boxes[present]
     if len(scores) == 0:
         empty = torch.zeros((0, height, width), dtype=torch.bool, device=logits.device)
         return empty, scores, torch.zeros((0, 4), device=logits.device)
-    order = scores.argsort(descending=True)[: spec.max_masks * 4]  # NMS drops many; upsample only the leaders
-    masks = predictor.model.postprocess_masks(logits[order, None], embedding.input_size, embedding.original_size)
-    masks, scores = masks[:, 0] > threshold, scores[order]
+    input_h, input_w = embedding.input_size
+    stride = predictor.model.image_encoder.img_size / logits.shape[-1]  # input pixels per low-res pixel
+    low_boxes = low_boxes * low_boxes.new_tensor([width / input_w, height / input_h] * 2) * stride
+    kept = batched_nms(low_boxes, scores, torch.zeros_like(scores), iou_threshold=spec.box_nms)[: spec.max_masks]
+    masks = predictor.model.postprocess_masks(logits[kept, None].float(), embedding.input_size,
+                                              embedding.original_size)
+    masks, scores = masks[:, 0] > threshold, scores[kept]
     present = masks.flatten(1).any(1)
     masks, scores = masks[present], scores[present]
-    boxes = _boxes(masks)
-    kept = batched_nms(boxes, scores, torch.zeros_like(scores), iou_threshold=spec.box_nms)[: spec.max_masks]
-    return masks[kept], scores[kept], boxes[kept]
+    return masks, scores, _boxes(masks)

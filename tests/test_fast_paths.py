@@ -127,3 +127,34 @@ def test_graphed_encoder_replays_equal_eager_after_memory_churn(test_student):
         with torch.inference_mode():
             expected = encoder(x)
         assert torch.allclose(actual, expected, atol=1e-3), step
+
+
+
+def test_reduced_attention_equals_sams_attention(test_student):
+    """The bulk decoder's cross attention (products and sums) computes SAM's attention."""
+    from samlight.graphed_decoder import ReducedAttention
+
+    attention = test_student.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    g = torch.Generator().manual_seed(2)
+    tokens, image = torch.randn(3, 7, 256, generator=g), torch.randn(3, 64, 256, generator=g)
+    with torch.no_grad():
+        for q, kv in ((tokens, image), (image, tokens)):
+            assert torch.allclose(ReducedAttention(attention)(q, kv, kv), attention(q, kv, kv), atol=1e-5)
+
+
+def test_channels_last_mask_decoder_equals_sams(test_student):
+    """The bulk decoder's channels-last upscaling (GEMMs, a last-dimension layer norm) computes SAM's masks."""
+    from samlight.graphed_decoder import ChannelsLastMaskDecoder, embed_prompts
+
+    model = test_student
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 256, *model.prompt_encoder.image_embedding_size, generator=g)
+    coords, labels = torch.rand(5, 1, 2, generator=g) * 256, torch.ones(5, 1, dtype=torch.int)
+    with torch.no_grad():
+        sparse, dense = embed_prompts(model.prompt_encoder, coords, labels, None)
+        args = (features, model.prompt_encoder.get_dense_pe(), sparse, dense)
+        for multimask in (True, False):
+            expected = model.mask_decoder(*args, multimask_output=multimask)
+            actual = ChannelsLastMaskDecoder(model.mask_decoder)(*args, multimask_output=multimask)
+            for a, e in zip(actual, expected):
+                assert a.shape == e.shape and torch.allclose(a, e, atol=1e-4), (a - e).abs().max()

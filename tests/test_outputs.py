@@ -167,3 +167,27 @@ def test_automatic_masks_filter_and_suppress(test_student, coco_val_images):
     assert scores == sorted(scores, reverse=True) and min(scores) >= 0
     assert all(mask.shape == embedding.original_size and mask.any() for mask, _ in every)
     assert automatic_masks(predictor, embedding, AutoSpec(points_per_side=4, pred_iou=0.99)) == []
+
+
+def test_automatic_masks_over_crops(test_student, coco_val_images):
+    """Crop layers (small objects): each crop is embedded from the picture and gridded; its masks come back at
+    the image's size; the picture is asked for only when crops are on."""
+    from serving.automatic import AutoSpec, automatic_masks
+
+    predictor = Predictor(copy.deepcopy(test_student), device="cpu")
+    image = load_image(coco_val_images[0])
+    embedding = predictor.embed(image)
+    asked = []
+
+    def picture():
+        asked.append(1)
+        return image
+
+    spec = AutoSpec(points_per_side=4, pred_iou=0, stability=0)
+    whole = automatic_masks(predictor, embedding, spec, image=picture)
+    assert not asked
+    cropped = automatic_masks(predictor, embedding, AutoSpec(points_per_side=4, pred_iou=0, stability=0,
+                                                             crop_layers=1), image=picture)
+    assert asked == [1] and len(cropped) >= len(whole) >= 1
+    assert all(mask.shape == embedding.original_size and mask.any() for mask, _ in cropped)
+    assert len(predictor.cache) >= 5  # the image and its four crops were embedded
