@@ -239,3 +239,27 @@ def test_official_checkpoint_teacher_is_identified_by_its_hash(tmp_path, train_s
     with pytest.raises(ValueError, match="distilled from"):
         fine_tune("lightening_test", TEACHER, train_samples[:1], FineTuneConfig(
             out_dir=str(tmp_path / "run"), encoder_steps=1, decoder_steps=1, batch_size=1, progress=False))
+
+
+def test_a_resume_with_other_settings_is_refused_unless_restarted(tmp_path, train_samples):
+    """An unfinished run resumes only under the settings and images it started with; --restart starts over."""
+    samples = train_samples[:2]
+
+    def config(**changes) -> FineTuneConfig:
+        return FineTuneConfig(**{"out_dir": str(tmp_path / "run"), "encoder_steps": 2, "decoder_steps": 0,
+                                 "batch_size": 1, "checkpoint_every": 1, "progress": False, **changes})
+
+    fine_tune("lightening_test", TEACHER, samples, config())
+    state_path = tmp_path / "run" / "state" / "train_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state.update(stage="encoder", step=1)  # as if interrupted after the first step
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match=r"encoder_steps 2 → 6; batch_size 1 → 2\. .*--restart"):
+        fine_tune("lightening_test", TEACHER, samples, config(encoder_steps=6, batch_size=2))
+    with pytest.raises(ValueError, match=r"training images \(2 → 1"):
+        fine_tune("lightening_test", TEACHER, samples[:1], config())
+    # practicalities may change; --restart runs the new settings from the start
+    assert fine_tune("lightening_test", TEACHER, samples, config(checkpoint_every=5)).is_dir()
+    fine_tune("lightening_test", TEACHER, samples, config(encoder_steps=3, restart=True))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "encoder"] == [0, 1, 2]

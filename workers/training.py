@@ -5,7 +5,10 @@ Steps: read the deduplicated corrections from Redis -> fetch their images from L
 (``label_studio_sdk``'s RLE decoder) -> split a stable held-out set (by annotation id) -> ``samlight.distill.
 fine_tune`` from the active version (or a named student config) and the configured teacher -> evaluate the
 candidate and the active version on the held-out corrections -> publish and activate the candidate only if
-it passes the gate (mIoU better than, or within ``gate_margin`` of, the active version).
+it passes the gate: mask IoU to the teacher on the held-out images, under box and one-point prompts, at
+least ``gate_teacher_box_iou`` / ``gate_teacher_point_iou``, and held-out mIoU better than, or within
+``gate_margin`` of, the active version's. The metrics are stored with the version (``/versions``); a refused
+candidate's reasons are in the job's result and the log.
 
 Idempotent and resumable: the run directory ``MODEL_DIR/training/run-<digest>`` is named by the parent
 version, the teacher, the training corrections and the config, so a retried job resumes the same run
@@ -75,6 +78,15 @@ def box_miou(model, samples) -> dict:
     return dict(evaluate_samples(model, samples, prompt="box"))
 
 
+def teacher_fidelity(model, teacher, samples) -> dict:
+    """Mask IoU to the teacher on held-out samples under box and one-point prompts, and embedding cosine."""
+    from samlight.eval import fidelity
+
+    box, point = (fidelity(model, teacher, samples, prompt=prompt) for prompt in ("box", "point"))
+    return {"box": box["mask_iou"], "point": point["mask_iou"], "embedding_cosine": box["embedding_cosine"],
+            "prompts": box["prompts"]}
+
+
 def run_digest(parent: str | None, teacher_identity: str, corrections: list[Correction], config: dict) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"parent": parent, "teacher": teacher_identity, "config": config},
@@ -137,7 +149,8 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     started = time.monotonic()
     log.info("DLD run %s: %d training / %d held-out samples, from %s, teacher %s", digest, len(train_samples),
              len(held_samples), start_from, teacher_spec.identity)
-    candidate_dir = fine_tune(start_from, teacher_spec, train_samples, config)
+    teacher = teacher_spec.load()  # once: distillation, then the gate's fidelity
+    candidate_dir = fine_tune(start_from, teacher_spec, train_samples, config, teacher=teacher)
     train_s = time.monotonic() - started
 
     from samlight.checkpoints import load_student
@@ -145,16 +158,21 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     candidate = load_student(candidate_dir)
     metrics = {"run": digest, "corrections": data_digest, "train_seconds": round(train_s, 2), "train_samples": len(train_samples),
                "heldout_samples": len(held_samples), "reason": reason}
-    decision = {"passed": True, "why": "first version" if not active else ""}
+    reasons, refusals = ["first version"] if not active else [], []
     if held_samples:
+        metrics["teacher_fidelity"] = teacher_fidelity(candidate.model, teacher, held_samples)
+        for prompt, floor in (("box", worker_settings.gate_teacher_box_iou),
+                              ("point", worker_settings.gate_teacher_point_iou)):
+            iou = metrics["teacher_fidelity"][prompt]
+            (reasons if iou >= floor else refusals).append(f"{prompt} IoU to the teacher {iou:.4f} (floor {floor})")
         metrics["heldout"] = box_miou(candidate.model, held_samples)
         if active:
             baseline = registry.load(active).model
             metrics["active_heldout"] = box_miou(baseline, held_samples)
             cand, base = metrics["heldout"]["miou"], metrics["active_heldout"]["miou"]
-            passed = cand >= base - worker_settings.gate_margin
-            decision = {"passed": passed,
-                        "why": f"held-out mIoU {cand:.4f} vs active {base:.4f} (margin {worker_settings.gate_margin})"}
+            why = f"held-out mIoU {cand:.4f} vs active {base:.4f} (margin {worker_settings.gate_margin})"
+            (reasons if cand >= base - worker_settings.gate_margin else refusals).append(why)
+    decision = {"passed": not refusals, "why": "; ".join(refusals or reasons)}
     metrics["gate"] = decision
     if not decision["passed"]:
         log.warning("candidate rejected by the gate: %s", decision["why"])

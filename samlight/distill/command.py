@@ -29,6 +29,7 @@ HELP = {
     "checkpoint_every": "steps between atomic training-state checkpoints",
     "num_workers": "data loader threads (0: load in the training loop)",
     "max_images": "use only the first N images",
+    "restart": "start over in --out even if it holds an unfinished run with other settings (refused otherwise)",
     "autocast": "bf16 autocast (default: on for CUDA)",
 }
 

@@ -43,6 +43,11 @@ class FineTuneConfig:
     num_workers: int = 0  # data loader threads (image decoding, cache reads); 0: in the training loop
     progress: bool = True
     max_images: int | None = None
+    restart: bool = False  # start over in out_dir even if it holds a run with other settings
+
+    # what a run's result does not depend on: these may change between an interruption and the resume
+    PRACTICAL = ("out_dir", "device", "progress", "num_workers", "checkpoint_every", "cache_dir", "cache_max_gb",
+                 "restart")
 
     def validate(self) -> None:
         for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers"):
@@ -60,3 +65,9 @@ class FineTuneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def changes_from(self, saved: dict) -> list[str]:
+        """``"name saved → now"`` for each setting that shapes the run and differs from a saved run's."""
+        now = self.to_dict()
+        return [f"{name} {saved[name]!r} → {now[name]!r}" for name in now
+                if name not in self.PRACTICAL and name in saved and saved[name] != now[name]]

@@ -9,6 +9,7 @@ exactly where its last checkpoint was. Works under ``torchrun`` (DistributedData
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -332,8 +333,17 @@ class Run:
 
     # state
 
+    def _data_fingerprint(self) -> dict:
+        """Which images the run trains on: their count and a hash of their identities, in order."""
+        names = [s.key or (str(s.image) if isinstance(s.image, (str, os.PathLike)) else f"array{s.image.shape}")
+                 for s in self.samples]
+        return {"images": len(names), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
     def _load_state(self, student_cfg: StudentConfig) -> dict | None:
         if not self.state_path.exists():
+            return None
+        if self.config.restart:
+            log.info("--restart: starting over in %s", self.out)
             return None
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
@@ -345,6 +355,13 @@ class Run:
                              "use another output directory")
         if state.get("student_config") != student_cfg.to_dict():
             raise ValueError(f"{self.out} holds a run of another student config; use another output directory")
+        changes = self.config.changes_from(state.get("config") or {})
+        data = state.get("data")
+        if data is not None and data != self._data_fingerprint():
+            changes.append(f"training images ({data['images']} → {len(self.samples)}, or others)")
+        if changes and state["stage"] != "done":
+            raise ValueError(f"{self.out} holds an unfinished run with other settings: {'; '.join(changes)}. Rerun "
+                             "with its settings to resume it, or add --restart to start over in this directory")
         return state
 
     def _save_state(self, stage: str, step: int, optimizer) -> None:
@@ -357,7 +374,7 @@ class Run:
             "student": {k: v.detach().cpu() for k, v in ctx["student"].state_dict().items()},
             "projections": {k: v.detach().cpu() for k, v in ctx["stage_module"].projections.state_dict().items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "config": self.config.to_dict(),
+            "config": self.config.to_dict(), "data": self._data_fingerprint(),
         }, self.state_path)
 
     def _wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:

@@ -13,17 +13,29 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from samlight.distill.data import TrainingSample
+from samlight.eval.clicks import farthest_point
 from samlight.eval.protocol import _best, instances_of, mask_iou
 from samlight.predictor import Predictor
 
 GRID_POINTS = 4  # images without ground truth are prompted with a 4 x 4 grid of clicks
 
 
-def _prompts(sample: TrainingSample, shape: tuple[int, int]) -> dict:
+PROMPTS = ("box", "point")
+
+
+def _prompts(sample: TrainingSample, shape: tuple[int, int], prompt: str = "box") -> dict:
+    """Each ground-truth instance's box, or its first click (the point farthest from its boundary); images
+    without ground truth: a grid of clicks."""
     instances = instances_of(sample)
-    boxes = [i.box for i in instances if i.box[2] > i.box[0] and i.box[3] > i.box[1]]
-    if boxes:
-        return {"box": np.stack(boxes)}
+    if prompt == "box":
+        boxes = [i.box for i in instances if i.box[2] > i.box[0] and i.box[3] > i.box[1]]
+        if boxes:
+            return {"box": np.stack(boxes)}
+    else:
+        clicks = [c for c in (farthest_point(i.mask) for i in instances) if c is not None]
+        if clicks:
+            points = np.stack(clicks)[:, None, :]
+            return {"point_coords": points, "point_labels": np.ones(points.shape[:2], dtype=np.int64)}
     height, width = shape
     xs = (np.arange(GRID_POINTS) + 0.5) * width / GRID_POINTS
     ys = (np.arange(GRID_POINTS) + 0.5) * height / GRID_POINTS
@@ -43,8 +55,11 @@ def embedding_similarity(student: torch.Tensor, teacher: torch.Tensor) -> tuple[
 
 def fidelity(student: Sam, teacher: Sam, samples: list[TrainingSample], device: str | None = None,
              progress: bool = False, student_predictor: Predictor | None = None,
-             teacher_predictor: Predictor | None = None) -> dict:
-    """``{"mask_iou", "prompts", "embedding_cosine", "embedding_rel_mse", "images"}`` (means)."""
+             teacher_predictor: Predictor | None = None, prompt: str = "box") -> dict:
+    """``{"mask_iou", "prompts", "embedding_cosine", "embedding_rel_mse", "images"}`` (means); ``prompt``: each
+    instance's box, or its first click (one point)."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
     s_pred = student_predictor or Predictor(student, device=device)
     t_pred = teacher_predictor or Predictor(teacher, device=device)
     ious, cosines, rel_mses = [], [], []
@@ -54,7 +69,7 @@ def fidelity(student: Sam, teacher: Sam, samples: list[TrainingSample], device: 
         cosine, rel_mse = embedding_similarity(s_emb.features, t_emb.features)
         cosines.append(cosine)
         rel_mses.append(rel_mse)
-        prompts = _prompts(sample, image.shape[:2])
+        prompts = _prompts(sample, image.shape[:2], prompt)
         s_masks, _ = _best(s_pred.predict_embedding(s_emb, multimask_output=True, **prompts))
         t_masks, _ = _best(t_pred.predict_embedding(t_emb, multimask_output=True, **prompts))
         ious.extend(mask_iou(a, b) for a, b in zip(s_masks, t_masks))
