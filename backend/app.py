@@ -25,6 +25,7 @@ from backend.adapter import LabelStudioAdapter, Services
 from serving.options import ProjectOptions, ProjectOptionsStore, project_key
 from serving import labelstudio
 from backend.prompts import PromptError
+from serving.local_training import LocalTrainingScheduler
 from serving.preannotation import create_queue
 from serving.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
@@ -89,6 +90,11 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
                         preannotations=create_queue(settings.core, segmenter, fetcher), inline_s=settings.auto_inline_s)
     if settings.preload and hasattr(segmenter, "load_in_background"):
         segmenter.load_in_background()
+    # the embedded learning loop: with a teacher configured, corrections train new versions in this deployment
+    schedule = None
+    if not settings.core.redis_url and settings.core.training.teacher and settings.train_schedule:
+        schedule = LocalTrainingScheduler(settings.core)
+        schedule.start()
     predict_slots = threading.BoundedSemaphore(settings.max_concurrent_predictions)
     project_options = ProjectOptionsStore(settings.core.model_dir / "projects", settings.core.project_defaults)
     failures = RecentFailures()
@@ -150,6 +156,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
                 **details, "degraded": degraded, "corrections": corrections, "failures": failures.summary()}
         if services.preannotations is not None:
             body["preannotation"] = services.preannotations.progress()
+        if schedule is not None:
+            body["training"] = schedule.health()
         return jsonify(body), 503 if status == "DOWN" else 200
 
     @app.post("/setup")

@@ -5,6 +5,7 @@
 | ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` | require HTTP basic auth on every endpoint |
 | ``SAMLIGHT_WORKERS`` / ``SAMLIGHT_THREADS`` / ``PORT`` / ``SAMLIGHT_HOST`` | gunicorn processes, threads, bind |
 | ``SAMLIGHT_PRELOAD`` | load the embedded model at worker start (default 1) |
+| ``SAMLIGHT_TRAIN_SCHEDULE`` | embedded mode with ``SAMLIGHT_TEACHER``: train on corrections (default 1) |
 | ``SAMLIGHT_AUTO_INLINE_S`` | a batch of automatic masks is answered inline this long, the rest in the background (20) |
 
 Everything else (Label Studio, Redis, the model, limits) is in ``serving.config``; docs/configuration.md lists it.
@@ -32,6 +33,7 @@ class BackendSettings:
     max_request_bytes: int = 256 * 1024 * 1024  # webhook payloads carry whole annotations
     slot_wait_s: float = 5.0  # a /predict that finds every request slot taken waits this long, then 503
     auto_inline_s: float = 20.0  # well inside Label Studio's ML_TIMEOUT_PREDICT (100 s)
+    train_schedule: bool = True  # embedded mode with SAMLIGHT_TEACHER: start training runs (serving.local_training)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendSettings":
@@ -46,6 +48,7 @@ class BackendSettings:
             threads=read.integer("SAMLIGHT_THREADS", 32),
             preload=read.flag("SAMLIGHT_PRELOAD", True),
             auto_inline_s=read.number("SAMLIGHT_AUTO_INLINE_S", 20.0),
+            train_schedule=read.flag("SAMLIGHT_TRAIN_SCHEDULE", True),
         )
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from serving.source import ModelSource
 from serving.jobs import JobError, SegmentJob, error_result, execute
 from serving.engine import ModelHolder, PredictorSettings, Served
 from serving.refinement import MaskMemory
+from serving.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,18 @@ class InProcessSegmenter:
 
     PREWARM_SLOT_WAIT_S = 60.0  # bulk work waits behind clicks this long before it is dropped
 
-    def __init__(self, settings: EmbeddedSettings, source: ModelSource, fetcher: ImageFetcher) -> None:
+    RELOAD_CHECK_S = 2.0  # how often the registry's active version is looked at
+
+    def __init__(self, settings: EmbeddedSettings, source: ModelSource, fetcher: ImageFetcher,
+                 registry: ModelRegistry | None = None) -> None:
         source.validate()
         self.settings = settings
         self.source = source
         self.fetcher = fetcher
-        self._version = source.version()  # cheap; a SAM .pth is hashed once here, at startup
+        # a version the learning loop published wins over the configured model, and replaces it while serving
+        self.registry = registry if source.test_model is None else None
+        self._version = self._active() or source.version()  # cheap; a SAM .pth is hashed once here, at startup
+        self._failed_versions: set[str] = set()
         self.holder = ModelHolder(PredictorSettings(settings.device, settings.cache_entries, settings.cpu_fast,
                                                     settings.cpu_int8), settings.refine_entries)
         self._load_lock = threading.Lock()
@@ -136,7 +143,8 @@ class InProcessSegmenter:
         return self._version
 
     def versions(self) -> list[str]:
-        return [self.model_version]
+        published = [v.version for v in self.registry.versions()] if self.registry is not None else []
+        return [self.model_version] + [v for v in published if v != self.model_version]
 
     @property
     def loaded(self) -> bool:
@@ -152,7 +160,15 @@ class InProcessSegmenter:
             with self._load_lock:
                 if self.holder.served is None:
                     self.holder.swap(self._load())
+                    if self.registry is not None:
+                        threading.Thread(target=self._follow_registry, name="model-reload", daemon=True).start()
         return self.holder.served.predictor
+
+    def _active(self) -> str | None:
+        try:
+            return self.registry.active() if self.registry is not None else None
+        except OSError:
+            return None
 
     def _load(self) -> Served:
         if self.source.test_model is not None:
@@ -166,7 +182,9 @@ class InProcessSegmenter:
             torch.set_num_threads(self.settings.torch_threads)
         start = time.perf_counter()
         try:
-            served = self.holder.build(*self.source.load())
+            active = self._active()
+            served = self.holder.build(self.registry.load(active).model, active) if active else \
+                self.holder.build(*self.source.load())
         except Exception as error:  # surfaced by /health and every request
             self._load_error = f"{error.__class__.__name__}: {error}"
             log.error("cannot load the model: %s", self._load_error)
@@ -186,6 +204,28 @@ class InProcessSegmenter:
         thread = threading.Thread(target=load, name="model-load", daemon=True)
         thread.start()
         return thread
+
+    def _follow_registry(self) -> None:
+        """Hot reload: a newly activated version is loaded and warmed up beside the served one, then swapped
+        in; clicks keep being answered by the old model meanwhile. A version that fails to load is left."""
+        while True:
+            time.sleep(self.RELOAD_CHECK_S)
+            active = self._active()
+            if not active or active == self._version or active in self._failed_versions or not self.loaded:
+                continue
+            started = time.perf_counter()
+            try:
+                served = self.holder.build(self.registry.load(active).model, active)
+            except Exception as error:  # noqa: BLE001 - the old model keeps serving
+                self._failed_versions.add(active)
+                log.error("cannot load the newly active version %s, still serving %s: %s", active, self._version,
+                          error)
+                continue
+            with self._load_lock:
+                self.holder.swap(served)
+                self._version = active
+            log.info("now serving %s (loaded and warmed up in %.1fs, pid %d)", active,
+                     time.perf_counter() - started, os.getpid())
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -264,4 +304,6 @@ def create_segmenter(settings: Settings, fetcher: ImageFetcher) -> Segmenter:
         from serving.remote import RQSegmenter  # lazy: keeps torch off the request path
 
         return RQSegmenter(settings.rq, fetcher=fetcher)
-    return InProcessSegmenter(settings.embedded, settings.model, fetcher)
+    from serving.registry import ModelRegistry
+
+    return InProcessSegmenter(settings.embedded, settings.model, fetcher, ModelRegistry(settings.model_dir))

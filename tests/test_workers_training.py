@@ -21,7 +21,7 @@ from serving.correction_stream import RedisCorrectionSink
 from serving.remote import RQSegmenter
 from serving.registry import ModelRegistry
 from serving.labelstudio import brush_regions
-from workers.training import split
+from serving.training import split
 from serving.correction_stream import Correction
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -148,4 +148,64 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
         assert sink.store.new_since_training() == 0
     finally:
         stop(inference)
+        images.close()
+
+
+def test_embedded_loop_from_a_teacher_only_start(tmp_path, coco_tiny):
+    """No Redis: a backend serving only the SAM teacher (2 gunicorn processes) records corrections; Label
+    Studio's Train button starts a training process that initialises a student from the teacher, distils it,
+    gates and activates it; both processes hot-reload it and answer clicks with it. A later run whose student
+    does not follow the teacher closely enough is refused, and the student keeps serving."""
+    import requests
+
+    from e2e.labelstudio import Backend
+    from serving.labels import SMART_CONFIG
+    from testbed import free_port
+
+    images = FileServer(coco_tiny / "train2017")
+    env = worker_env(tmp_path / "models", SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
+                     SAMLIGHT_TRAIN_ENCODER_STEPS=3, SAMLIGHT_TRAIN_DECODER_STEPS=3, SAMLIGHT_TRAIN_BATCH=2,
+                     SAMLIGHT_HOLDOUT_FRACTION=0.25, SAMLIGHT_GATE_TEACHER_BOX_IOU=0,
+                     SAMLIGHT_GATE_TEACHER_POINT_IOU=0)
+    backend = Backend(tmp_path, free_port(), env, ["--random", "vit_test", "--workers", "2", "--threads", "4"])
+    try:
+        backend.start()
+        health = requests.get(f"{backend.url}/health", timeout=10).json()
+        assert health["model_version"] == "random-vit_test-0" and "training" in health  # the teacher serves
+        events = coco_corrections(coco_tiny, images, 8)
+        for event in events[:5]:
+            assert requests.post(f"{backend.url}/webhook", json=event, timeout=10).status_code == 200
+        requests.post(f"{backend.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}, timeout=10)
+
+        deadline = time.monotonic() + 240
+        pids = {}
+        while time.monotonic() < deadline and (len(pids) < 2 or any(v == "random-vit_test-0" for v in pids.values())):
+            health = requests.get(f"{backend.url}/health", timeout=10).json()
+            pids[health["pid"]] = health["model_version"]
+            time.sleep(0.2)
+        assert len(pids) == 2 and len(set(pids.values())) == 1, (pids, health.get("training"))
+        [student] = set(pids.values())
+        assert student.startswith("lightening_test"), student
+        assert health["training"]["last"]["status"] == "published"
+        assert student in requests.get(f"{backend.url}/versions", timeout=10).json()["versions"]
+        click = {"tasks": [{"id": 1, "data": {"image": events[0]["task"]["data"]["image"]}}],
+                 "label_config": SMART_CONFIG, "params": {"context": {"result": [{
+                     "id": "p", "from_name": "point", "to_name": "image", "type": "keypointlabels",
+                     "original_width": 640, "original_height": 480, "is_positive": True,
+                     "value": {"x": 50, "y": 50, "keypointlabels": ["Object"]}}]}}}
+        answer = requests.post(f"{backend.url}/predict", json=click, timeout=60).json()
+        assert answer["results"][0]["model_version"] == student
+
+        # more corrections, and a gate no 3-step student passes: refused, the student stays
+        for event in events[5:]:
+            requests.post(f"{backend.url}/webhook", json=event, timeout=10)
+        refused = subprocess.run([sys.executable, "-m", "serving.local_training", "--reason", "test"], cwd=REPO,
+                                 env=dict(env, SAMLIGHT_GATE_TEACHER_BOX_IOU="0.999"), capture_output=True,
+                                 text=True, timeout=240)
+        summary = json.loads(refused.stdout.strip().splitlines()[-1])
+        assert summary["status"] == "rejected" and "box IoU to the teacher" in summary["why"], refused.stderr[-2000:]
+        assert (tmp_path / "models" / "ACTIVE").read_text().strip() == student
+        assert requests.get(f"{backend.url}/health", timeout=10).json()["training"]["last"]["status"] == "rejected"
+    finally:
+        backend.stop()
         images.close()

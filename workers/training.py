@@ -1,99 +1,28 @@
-"""The DLD fine-tuning job (``workers.training.run_training``), run by ``python -m workers.training_worker``.
+"""The DLD fine-tuning RQ job (``workers.training.run_training``), run by ``python -m workers.training_worker``.
 
-Steps: read the deduplicated corrections from Redis -> fetch their images from Label Studio (the backend's
-``ImageFetcher``, same URL resolution and token as inference) and decode their brush masks
-(``label_studio_sdk``'s RLE decoder) -> split a stable held-out set (by annotation id) -> ``samlight.distill.
-fine_tune`` from the active version (or a named student config) and the configured teacher -> evaluate the
-candidate and the active version on the held-out corrections -> publish and activate the candidate only if
-it passes the gate: mask IoU to the teacher on the held-out images, under box and one-point prompts, at
-least ``gate_teacher_box_iou`` / ``gate_teacher_point_iou``, and held-out mIoU better than, or within
-``gate_margin`` of, the active version's. The metrics are stored with the version (``/versions``); a refused
-candidate's reasons are in the job's result and the log.
-
-Idempotent and resumable: the run directory ``MODEL_DIR/training/run-<digest>`` is named by the parent
-version, the teacher, the training corrections and the config, so a retried job resumes the same run
-(``fine_tune`` resumes from its own checkpoints); a job whose run already produced (or was refused) a
-version, or with no correction changed since the active version was trained, is a no-op ("up-to-date").
-torch is imported only inside the job (the forking worker's parent never touches CUDA).
+The run itself is ``serving.training.train``; here its corrections come from Redis (``CorrectionStore``), the
+registry publishes through Redis (workers reload at once), and refused runs are remembered in a Redis set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
-import shutil
-import time
-from dataclasses import asdict
-from pathlib import Path
 
-from serving.correction_stream import Correction, CorrectionStore
-from serving.labelstudio import brush_regions
-from serving.registry import ModelRegistry
 from serving.config import Settings, connect
-
-log = logging.getLogger(__name__)
-
-
-def is_held_out(annotation_id: str, fraction: float) -> bool:
-    """Stable split: the same corrections judge every candidate."""
-    bucket = int(hashlib.sha256(f"holdout:{annotation_id}".encode()).hexdigest()[:8], 16) % 1000
-    return bucket < fraction * 1000
+from serving.correction_stream import CorrectionStore
+from serving.registry import ModelRegistry
+from serving.training import train
 
 
-def split(corrections: list[Correction], fraction: float) -> tuple[list[Correction], list[Correction]]:
-    held = [c for c in corrections if is_held_out(c.annotation_id, fraction)]
-    train = [c for c in corrections if not is_held_out(c.annotation_id, fraction)]
-    if not held and len(train) >= 2 and fraction > 0:  # small projects: hold out at least one
-        held, train = train[-1:], train[:-1]
-    if not train and held:
-        train = held
-    return train, held
+class RedisRefused:
+    def __init__(self, redis, key: str) -> None:
+        self.redis, self.key = redis, key
 
+    def __contains__(self, digest: str) -> bool:
+        return bool(self.redis.sismember(self.key, digest))
 
-def to_samples(corrections: list[Correction], fetcher) -> list:
-    from samlight.distill import TrainingSample
-
-    samples = []
-    for correction in corrections:
-        masks = [region.mask for region in brush_regions(correction.result)]
-        if not masks or not correction.image:
-            continue
-        try:
-            image = fetcher.fetch(correction.image)
-        except Exception as error:  # one missing image must not stop the run
-            log.warning("annotation %s: image %s skipped: %s", correction.annotation_id, correction.image, error)
-            continue
-        masks = [m for m in masks if m.shape == image.shape[:2]]
-        if masks:
-            samples.append(TrainingSample(image=image, key=fetcher.image_key(correction.image), masks=masks))
-    return samples
-
-
-def box_miou(model, samples) -> dict:
-    """Box-prompt mIoU on held-out samples (the evaluation protocol of ``samlight eval``)."""
-    from samlight.eval import evaluate_samples
-
-    return dict(evaluate_samples(model, samples, prompt="box"))
-
-
-def teacher_fidelity(model, teacher, samples) -> dict:
-    """Mask IoU to the teacher on held-out samples under box and one-point prompts, and embedding cosine."""
-    from samlight.eval import fidelity
-
-    box, point = (fidelity(model, teacher, samples, prompt=prompt) for prompt in ("box", "point"))
-    return {"box": box["mask_iou"], "point": point["mask_iou"], "embedding_cosine": box["embedding_cosine"],
-            "prompts": box["prompts"]}
-
-
-def run_digest(parent: str | None, teacher_identity: str, corrections: list[Correction], config: dict) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"parent": parent, "teacher": teacher_identity, "config": config},
-                             sort_keys=True).encode())
-    for c in sorted(corrections, key=lambda c: c.annotation_id):
-        digest.update(f"{c.annotation_id}@{c.updated_at}\n".encode())
-    return digest.hexdigest()[:16]
+    def add(self, digest: str) -> None:
+        self.redis.sadd(self.key, digest)
 
 
 def run_training(reason: str = "", requested_at: float | None = None, settings: dict | None = None) -> dict:
@@ -104,86 +33,6 @@ def run_training(reason: str = "", requested_at: float | None = None, settings: 
     worker_settings, training = config.rq, dataclasses.replace(config.training, **(settings or {}))
     job = get_current_job()
     redis = job.connection if job is not None else connect(worker_settings.redis_url, timeout_s=10)
-    store = CorrectionStore(redis, worker_settings.keys)
-    registry = ModelRegistry(worker_settings.model_dir, redis, worker_settings.keys)
-    consumed = store.new_since_training()
-    corrections = store.all()
-    summary: dict = {"reason": reason, "corrections": len(corrections)}
-    if len(corrections) < training.min_corrections:
-        return dict(summary, status="skipped", why=f"fewer than {training.min_corrections} corrections")
-    if not training.teacher:
-        raise ValueError("set SAMLIGHT_TEACHER (e.g. vit_h:/weights/sam_vit_h.pth) for DLD fine-tuning")
-
-    from serving.images import ImageFetcher
-    from samlight.models import ModelSpec
-    from samlight.distill import FineTuneConfig, fine_tune
-
-    teacher_spec = ModelSpec.parse(training.teacher)
-    active = registry.active()
-    start_from = str(registry.path(active)) if active else training.student_config
-    train_corr, held_corr = split(corrections, worker_settings.holdout_fraction)
-    config_fields = {"encoder_steps": training.encoder_steps, "decoder_steps": training.decoder_steps,
-                     "batch_size": training.batch_size}
-    digest = run_digest(active, teacher_spec.identity, train_corr, config_fields)
-    data_digest = run_digest(None, "", corrections, {})  # what the corrections are, whatever the parent
-    if active and registry.get(active).metrics.get("corrections") == data_digest:
-        store.mark_trained(consumed)
-        return dict(summary, status="up-to-date", version=active, why="no corrections since the active version")
-    for version in registry.versions():
-        if version.metrics.get("run") == digest:
-            return dict(summary, status="up-to-date", version=version.version, run=digest)
-    rejected_key = f"{worker_settings.keys.prefix}:training:rejected"
-    if redis.sismember(rejected_key, digest):
-        store.mark_trained(consumed)
-        return dict(summary, status="up-to-date", run=digest, why="this run was already rejected by the gate")
-
-    fetcher = ImageFetcher.from_settings(config.fetch)
-    train_samples, held_samples = to_samples(train_corr, fetcher), to_samples(held_corr, fetcher)
-    if not train_samples:
-        return dict(summary, status="skipped", why="no correction with a brush mask and a reachable image")
-    work = Path(worker_settings.model_dir) / "training" / f"run-{digest}"
-    config = FineTuneConfig(out_dir=str(work), device=training.device, progress=False,
-                            cache_dir=str(Path(worker_settings.model_dir) / "training" / "teacher-cache"),
-                            checkpoint_every=max(1, min(50, (training.encoder_steps + training.decoder_steps) // 4 or 1)),
-                            **config_fields)
-    started = time.monotonic()
-    log.info("DLD run %s: %d training / %d held-out samples, from %s, teacher %s", digest, len(train_samples),
-             len(held_samples), start_from, teacher_spec.identity)
-    teacher = teacher_spec.load()  # once: distillation, then the gate's fidelity
-    candidate_dir = fine_tune(start_from, teacher_spec, train_samples, config, teacher=teacher)
-    train_s = time.monotonic() - started
-
-    from samlight.checkpoints import load_student
-
-    candidate = load_student(candidate_dir)
-    metrics = {"run": digest, "corrections": data_digest, "train_seconds": round(train_s, 2), "train_samples": len(train_samples),
-               "heldout_samples": len(held_samples), "reason": reason}
-    reasons, refusals = ["first version"] if not active else [], []
-    if held_samples:
-        metrics["teacher_fidelity"] = teacher_fidelity(candidate.model, teacher, held_samples)
-        for prompt, floor in (("box", worker_settings.gate_teacher_box_iou),
-                              ("point", worker_settings.gate_teacher_point_iou)):
-            iou = metrics["teacher_fidelity"][prompt]
-            (reasons if iou >= floor else refusals).append(f"{prompt} IoU to the teacher {iou:.4f} (floor {floor})")
-        metrics["heldout"] = box_miou(candidate.model, held_samples)
-        if active:
-            baseline = registry.load(active).model
-            metrics["active_heldout"] = box_miou(baseline, held_samples)
-            cand, base = metrics["heldout"]["miou"], metrics["active_heldout"]["miou"]
-            why = f"held-out mIoU {cand:.4f} vs active {base:.4f} (margin {worker_settings.gate_margin})"
-            (reasons if cand >= base - worker_settings.gate_margin else refusals).append(why)
-    decision = {"passed": not refusals, "why": "; ".join(refusals or reasons)}
-    metrics["gate"] = decision
-    if not decision["passed"]:
-        log.warning("candidate rejected by the gate: %s", decision["why"])
-        redis.sadd(rejected_key, digest)  # the same data and parent would give the same verdict: never rerun it
-        shutil.rmtree(work, ignore_errors=True)
-        store.mark_trained(consumed)
-        return dict(summary, status="rejected", metrics=metrics, run=digest)
-    record = registry.import_checkpoint(candidate_dir, parent=active, metrics=metrics, source="dld")
-    registry.activate(record.version)
-    store.mark_trained(consumed)
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("published and activated %s (parent %s): %s", record.version, active, decision["why"])
-    return dict(summary, status="published", version=record.version, parent=active, metrics=metrics, run=digest,
-                training=asdict(training))
+    keys = worker_settings.keys
+    return train(config, training, CorrectionStore(redis, keys), ModelRegistry(worker_settings.model_dir, redis, keys),
+                 RedisRefused(redis, f"{keys.prefix}:training:rejected"), reason)
