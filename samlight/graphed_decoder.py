@@ -223,8 +223,8 @@ class CompiledBulkDecoder:
     power of two), in bf16 on its own copy of the weights.
     """
 
-    # inductor's coordinate-descent tuning of its kernels' block sizes: 44.5 instead of 54.4 ms per 32×32 grid
-    # on an H200, for about 55 instead of 17 s of compilation, once per process (bench/bulk_decoder_check.py)
+    # inductor's coordinate-descent tuning of its GPU kernels' block sizes: 44.5 instead of 54.4 ms per 32×32
+    # grid on an H200, for about 55 instead of 17 s of compilation, once per process (bench/bulk_decoder_check.py)
     OPTIONS = {"coordinate_descent_tuning": True}
 
     def __init__(self, model: Sam, dtype: torch.dtype = torch.bfloat16, options: dict | None = None) -> None:
@@ -238,8 +238,9 @@ class CompiledBulkDecoder:
             layer.cross_attn_image_to_token = ReducedAttention(layer.cross_attn_image_to_token)
         transformer.final_attn_token_to_image = ReducedAttention(transformer.final_attn_token_to_image)
         self.mask_decoder = ChannelsLastMaskDecoder(decoder).to(dtype)
+        on_cuda = next(model.parameters()).is_cuda
         self._compiled = torch.compile(self._decode, dynamic=False,
-                                       options=self.OPTIONS if options is None else options)
+                                       options=(self.OPTIONS if on_cuda else {}) if options is None else options)
         self._lock = threading.Lock()
 
     def _decode(self, features, dense_pe, coords, labels, offset: float):

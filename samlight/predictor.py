@@ -62,6 +62,8 @@ def cpu_encoder_options(fast: bool, int8: bool) -> dict:
 
 
 class Predictor:
+    BULK_PROMPTS = 64  # a point grid's batch this large runs on the compiled decoder (see decode_grid)
+
     def __init__(
         self,
         model: Sam,
@@ -105,9 +107,9 @@ class Predictor:
             encoder = CompiledEncoder(encoder)
         self.encoder = encoder
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
-        # large prompt batches (automatic masks) on CUDA: compiled on first use, tens of seconds once
+        # large prompt batches (automatic masks): compiled on first use, tens of seconds once per process
         self._bulk_decoder: CompiledBulkDecoder | None = None
-        self._bulk = fast and on_cuda
+        self._bulk_dtype = torch.bfloat16 if on_cuda else torch.float32  # CPUs without AVX512-BF16: fp32
         self._current: ImageEmbedding | None = None
 
     # --- embeddings -----------------------------------------------------------------------------
@@ -205,16 +207,17 @@ class Predictor:
     def decode_grid(self, embedding: ImageEmbedding, points: np.ndarray, stability_offset: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What automatic mask generation filters, for K one-point prompts (K, 1, 2): the three masks' low-res
-        logits (K, 3, 256, 256), predicted IoU and stability score (K, 3), on the device. On CUDA a compiled
-        decoder for these large batches (its first call compiles, about a minute)."""
+        logits (K, 3, 256, 256), predicted IoU and stability score (K, 3), on the device. From ``BULK_PROMPTS``
+        prompts on, a compiled decoder (its first call compiles: about a minute on an H200, 30 s on 2 CPU
+        cores; then 3.7× faster on the H200, 2.2× on the CPU)."""
         labels = np.ones(points.shape[:2], dtype=np.int64)
-        if not self._bulk:
+        if len(points) < self.BULK_PROMPTS:
             low_res, iou = self.decode(embedding, points, labels, multimask_output=True)
             return low_res, iou, calculate_stability_score(low_res, self.model.mask_threshold, stability_offset)
         points, labels, _, _ = validate_prompts(points, labels, None, embedding.original_size)
         coords, labels, _ = self._prompt_tensors(embedding, points, labels, None)
         if self._bulk_decoder is None:
-            self._bulk_decoder = CompiledBulkDecoder(self.model)
+            self._bulk_decoder = CompiledBulkDecoder(self.model, dtype=self._bulk_dtype)
         return self._bulk_decoder(embedding.features, coords, labels, stability_offset)
 
     @torch.inference_mode()

@@ -222,6 +222,7 @@ class TrainingSettings:
     decoder_steps: int = 100
     batch_size: int = 4
     min_corrections: int = 2
+    max_project_images: int = 2000  # the connected projects' images a run also learns from (0: corrections only)
     device: str | None = None
 
 
@@ -310,6 +311,8 @@ class Settings:
                 decoder_steps=read.integer("SAMLIGHT_TRAIN_DECODER_STEPS", TrainingSettings.decoder_steps),
                 batch_size=read.integer("SAMLIGHT_TRAIN_BATCH", TrainingSettings.batch_size),
                 min_corrections=read.integer("SAMLIGHT_TRAIN_MIN_CORRECTIONS", TrainingSettings.min_corrections),
+                max_project_images=read.integer("SAMLIGHT_TRAIN_MAX_PROJECT_IMAGES",
+                                                TrainingSettings.max_project_images),
                 device=read.text("SAMLIGHT_TRAIN_DEVICE"),
             ),
             project_defaults=_project_defaults(read),

@@ -30,6 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from serving.config import Settings, TrainingSettings
 from serving.correction_stream import Correction
 from serving.labelstudio import brush_regions
@@ -89,6 +91,52 @@ def to_samples(corrections: list[Correction], fetcher) -> list:
     return samples
 
 
+def remote_sample(url: str, fetcher):
+    """A training image without masks, fetched when the trainer reads it (a project may hold thousands)."""
+    from samlight.distill import TrainingSample
+
+    class RemoteSample(TrainingSample):
+        def load_image(self):
+            try:
+                return fetcher.fetch(url)
+            except Exception as error:  # noqa: BLE001 - one image gone since the listing must not stop the run
+                log.warning("training image %s unavailable (%s): a blank image stands in", url, error)
+                return np.zeros((64, 64, 3), dtype=np.uint8)
+
+    return RemoteSample(image=url, key=fetcher.image_key(url))
+
+
+def project_images(client, projects: set[int], limit: int) -> list[tuple[int, str]]:
+    """``(task id, image URL)`` of the projects' tasks, through Label Studio's API (paged), by each project's
+    labeling config (the same rule as ``/predict``), at most ``limit``."""
+    from serving.images import FetchError, task_image_url
+    from serving.labels import ConfigError, parse_config
+
+    found: list[tuple[int, str]] = []
+    for project in sorted(projects):
+        try:
+            key = parse_config(client.request("GET", f"/api/projects/{project}/").json()["label_config"]).image_value
+        except (ConfigError, KeyError, ValueError) as error:
+            log.warning("project %s: its images are not used for training: %s", project, error)
+            continue
+        page = 1
+        while len(found) < limit:
+            body = client.request("GET", "/api/tasks/", params={"project": project, "page": page,
+                                                                "page_size": 100}).json()
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            for task in tasks:
+                url = (task.get("data") or {}).get(key)
+                if isinstance(url, str) and isinstance(task.get("id"), int):
+                    try:
+                        found.append((task["id"], task_image_url(url, task["id"])))
+                    except FetchError:
+                        continue
+            if len(tasks) < 100:
+                break
+            page += 1
+    return found[:limit]
+
+
 def box_miou(model, samples) -> dict:
     """Box-prompt mIoU on held-out samples (the evaluation protocol of ``samlight eval``)."""
     from samlight.eval import evaluate_samples
@@ -103,6 +151,25 @@ def teacher_fidelity(model, teacher, samples) -> dict:
     box, point = (fidelity(model, teacher, samples, prompt=prompt) for prompt in ("box", "point"))
     return {"box": box["mask_iou"], "point": point["mask_iou"], "embedding_cosine": box["embedding_cosine"],
             "prompts": box["prompts"]}
+
+
+def _project_samples(corrections: list[Correction], fetcher, limit: int, fraction: float) -> tuple[list, list]:
+    """(training, held-out) samples of the corrected projects' other images; none without Label Studio's API."""
+    from serving.labelstudio_api import LabelStudioApiError, LabelStudioClient
+
+    projects = {c.project for c in corrections if isinstance(c.project, int)}
+    if not projects or limit <= 0 or not LabelStudioClient.available(fetcher):
+        return [], []
+    corrected = {c.task_id for c in corrections}
+    try:
+        listed = project_images(LabelStudioClient(fetcher), projects, limit)
+    except LabelStudioApiError as error:
+        log.warning("the projects' images are not used for training: %s", error)
+        return [], []
+    listed = [(task, url) for task, url in listed if task not in corrected]
+    held = [remote_sample(url, fetcher) for task, url in listed if is_held_out(f"task:{task}", fraction)]
+    train = [remote_sample(url, fetcher) for task, url in listed if not is_held_out(f"task:{task}", fraction)]
+    return train, held
 
 
 def run_digest(parent: str | None, teacher_identity: str, corrections: list[Correction], config: dict) -> str:
@@ -134,9 +201,16 @@ def train(config: Settings, training: TrainingSettings, store: Corrections, regi
     active = registry.active()
     start_from = str(registry.path(active)) if active else training.student_config
     train_corr, held_corr = split(corrections, worker_settings.holdout_fraction)
+    fetcher = ImageFetcher.from_settings(config.fetch)
+    # every image of the corrected projects teaches the encoder (and the decoder the teacher's masks); a stable
+    # share of them is held out for the gate's fidelity to the teacher
+    unlabelled, held_unlabelled = _project_samples(corrections, fetcher, training.max_project_images,
+                                                   worker_settings.holdout_fraction)
+    summary["project_images"] = len(unlabelled) + len(held_unlabelled)
     config_fields = {"encoder_steps": training.encoder_steps, "decoder_steps": training.decoder_steps,
                      "batch_size": training.batch_size}
-    digest = run_digest(active, teacher_spec.identity, train_corr, config_fields)
+    images = hashlib.sha256("\n".join(s.key for s in unlabelled + held_unlabelled).encode()).hexdigest()[:16]
+    digest = run_digest(active, teacher_spec.identity, train_corr, {**config_fields, "project_images": images})
     data_digest = run_digest(None, "", corrections, {})  # what the corrections are, whatever the parent
     if active and registry.get(active).metrics.get("corrections") == data_digest:
         store.mark_trained(consumed)
@@ -148,10 +222,10 @@ def train(config: Settings, training: TrainingSettings, store: Corrections, regi
         store.mark_trained(consumed)
         return dict(summary, status="up-to-date", run=digest, why="this run was already rejected by the gate")
 
-    fetcher = ImageFetcher.from_settings(config.fetch)
     train_samples, held_samples = to_samples(train_corr, fetcher), to_samples(held_corr, fetcher)
     if not train_samples:
         return dict(summary, status="skipped", why="no correction with a brush mask and a reachable image")
+    train_samples, held_fidelity = train_samples + unlabelled, held_samples + held_unlabelled
     work = Path(worker_settings.model_dir) / "training" / f"run-{digest}"
     run_config = FineTuneConfig(out_dir=str(work), device=training.device, progress=False,
                             cache_dir=str(Path(worker_settings.model_dir) / "training" / "teacher-cache"),
@@ -171,7 +245,7 @@ def train(config: Settings, training: TrainingSettings, store: Corrections, regi
                "heldout_samples": len(held_samples), "reason": reason}
     reasons, refusals = ["first version"] if not active else [], []
     if held_samples:
-        metrics["teacher_fidelity"] = teacher_fidelity(candidate.model, teacher, held_samples)
+        metrics["teacher_fidelity"] = teacher_fidelity(candidate.model, teacher, held_fidelity)
         for prompt, floor in (("box", worker_settings.gate_teacher_box_iou),
                               ("point", worker_settings.gate_teacher_point_iou)):
             iou = metrics["teacher_fidelity"][prompt]

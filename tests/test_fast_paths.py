@@ -158,3 +158,25 @@ def test_channels_last_mask_decoder_equals_sams(test_student):
             actual = ChannelsLastMaskDecoder(model.mask_decoder)(*args, multimask_output=multimask)
             for a, e in zip(actual, expected):
                 assert a.shape == e.shape and torch.allclose(a, e, atol=1e-4), (a - e).abs().max()
+
+
+@pytest.mark.slow
+def test_compiled_grid_decoder_equals_the_eager_decoder_on_cpu(test_student, coco_val_images):
+    """A grid batch of ``BULK_PROMPTS`` or more runs on the compiled decoder (fp32 on the CPU): the same logits,
+    predicted IoUs and stability scores as the eager decoder and SAM's score."""
+    import numpy as np
+    from segment_anything.utils.amg import build_point_grid, calculate_stability_score
+
+    from samlight.image_io import load_image
+    from samlight.predictor import Predictor
+
+    predictor = Predictor(copy.deepcopy(test_student), device="cpu")
+    image = load_image(coco_val_images[0])
+    embedding = predictor.embed(image)
+    points = (build_point_grid(8) * np.array(image.shape[1::-1]))[:, None, :]
+    assert len(points) >= Predictor.BULK_PROMPTS
+    low_res, iou, stability = predictor.decode_grid(embedding, points)
+    assert predictor._bulk_decoder is not None
+    eager_low, eager_iou = predictor.decode(embedding, points, np.ones((len(points), 1), dtype=np.int64))
+    assert torch.allclose(low_res, eager_low, atol=1e-3) and torch.allclose(iou, eager_iou, atol=1e-4)
+    assert torch.allclose(stability, calculate_stability_score(eager_low, 0.0, 1.0), atol=1e-3)

@@ -27,7 +27,8 @@ class ImageHost:
     ``/text`` (HTML), ``/big`` (many bytes), ``/trickle`` (one byte every 0.2 s, for a minute), ``/redirect?to=URL``
     (302). Every request's headers are recorded in ``requests``.
 
-    Like Label Studio it also takes predictions (``POST /api/predictions/``, kept in ``predictions``; ``GET
+    Like Label Studio it lists ``projects`` and their ``tasks`` (``/api/projects/N/``, ``/api/tasks/?project=N``,
+    paged), takes predictions (``POST /api/predictions/``, kept in ``predictions``; ``GET
     /api/predictions/?task=N``) and presigns cloud URIs of the bucket ``photos`` (``GET /tasks/N/presign/?fileuri=
     <base64 s3://photos/NAME>`` redirects to ``/files/NAME``; other buckets: 404).
     """
@@ -40,6 +41,8 @@ class ImageHost:
         self.access_ttl = access_ttl
         self.issued: list[str] = []
         self.predictions: list[dict] = []
+        self.projects: dict[int, dict] = {}  # GET /api/projects/<id>/
+        self.tasks: list[dict] = []  # GET /api/tasks/?project=&page=&page_size= (Label Studio's paging)
         self.requests: list[tuple[str, str, dict]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -115,6 +118,19 @@ class ImageHost:
                     task = int(query.get("task", ["-1"])[0])
                     found = [p for p in host.predictions if p.get("task") == task]
                     return self._send(200, json.dumps(found).encode(), "application/json")
+                if path.startswith("/api/") and not host.authorized(self.headers.get("Authorization")):
+                    return self._send(401, b'{"detail": "no token"}', "application/json")
+                project = re.fullmatch(r"/api/projects/(\d+)/", path)
+                if project and int(project.group(1)) in host.projects:
+                    return self._send(200, json.dumps(host.projects[int(project.group(1))]).encode(),
+                                      "application/json")
+                if path == "/api/tasks/":
+                    page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["30"])[0])
+                    mine = [t for t in host.tasks if t.get("project") == int(query.get("project", ["0"])[0])]
+                    if (page - 1) * size >= len(mine) and page > 1:
+                        return self._send(404, b'{"detail": "Invalid page."}', "application/json")
+                    body = {"tasks": mine[(page - 1) * size: page * size], "total": len(mine)}
+                    return self._send(200, json.dumps(body).encode(), "application/json")
                 if re.fullmatch(r"/tasks/\d+/presign/", path):
                     if not host.authorized(self.headers.get("Authorization")):
                         return self._send(401, b'{"detail": "no token"}', "application/json")
