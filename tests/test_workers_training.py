@@ -171,7 +171,8 @@ def test_embedded_loop_from_a_teacher_only_start(tmp_path, coco_tiny):
     try:
         backend.start()
         health = requests.get(f"{backend.url}/health", timeout=10).json()
-        assert health["model_version"] == "random-vit_test-0" and "training" in health  # the teacher serves
+        assert health["model_version"] == "random-vit_test-0" and "training" in health
+        assert health["model_role"] == "teacher"  # until the first student
         events = coco_corrections(coco_tiny, images, 8)
         for event in events[:5]:
             assert requests.post(f"{backend.url}/webhook", json=event, timeout=10).status_code == 200
@@ -186,7 +187,7 @@ def test_embedded_loop_from_a_teacher_only_start(tmp_path, coco_tiny):
         assert len(pids) == 2 and len(set(pids.values())) == 1, (pids, health.get("training"))
         [student] = set(pids.values())
         assert student.startswith("lightening_test"), student
-        assert health["training"]["last"]["status"] == "published"
+        assert health["training"]["last"]["status"] == "published" and health["model_role"] == "student"
         assert student in requests.get(f"{backend.url}/versions", timeout=10).json()["versions"]
         click = {"tasks": [{"id": 1, "data": {"image": events[0]["task"]["data"]["image"]}}],
                  "label_config": SMART_CONFIG, "params": {"context": {"result": [{
