@@ -21,10 +21,12 @@ def worker_env(model_dir: Path, **extra) -> dict:
     return env
 
 
-def start_inference_worker(redis_url: str, model_dir: Path, name: str, log_dir: Path, **env) -> subprocess.Popen:
+def start_inference_worker(redis_url: str, model_dir: Path, name: str, log_dir: Path, model: str = "lightening_test",
+                           **env) -> subprocess.Popen:
+    """A CPU inference worker serving random weights of ``model`` until the registry has an active version."""
     log = open(log_dir / f"{name}.log", "wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.inference", "--gpu", "-1", "--random", "lightening_test",
+        [sys.executable, "-m", "workers.inference", "--gpu", "-1", "--random", model,
          "--redis-url", redis_url, "--name", name],
         cwd=REPO, env=worker_env(model_dir, **env), stdout=log, stderr=subprocess.STDOUT,
     )

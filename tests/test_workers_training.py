@@ -76,11 +76,13 @@ def test_brush_masks_round_trip_and_split():
 
 
 def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_tiny):
+    """RQ mode from a teacher-only start: the workers serve SAM; the first run builds and distils a student, the
+    gate publishes it and the workers switch to it; a candidate that does not follow the teacher is refused."""
     images = FileServer(coco_tiny / "train2017")
     model_dir = tmp_path / "models"
     fetcher = ImageFetcher()
     segmenter = RQSegmenter(WorkerSettings(redis_server.url, model_dir, deadline_ms=20000), fetcher)
-    inference = start_inference_worker(redis_server.url, model_dir, "w1", tmp_path)
+    inference = start_inference_worker(redis_server.url, model_dir, "w1", tmp_path, model="vit_test")  # the teacher
     training_env = worker_env(model_dir, SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
                               SAMLIGHT_TRAIN_ENCODER_STEPS=3, SAMLIGHT_TRAIN_DECODER_STEPS=3, SAMLIGHT_TRAIN_BATCH=2,
                               SAMLIGHT_HOLDOUT_FRACTION=0.25, SAMLIGHT_GATE_TEACHER_BOX_IOU=0,
@@ -95,7 +97,7 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
         url = images.file_url(sorted(p.name for p in (coco_tiny / "train2017").glob("*.jpg"))[0])
         job = SegmentJob(image_url=url, image_key=fetcher.image_key(url), objects=[ObjectJob(box=[50, 50, 300, 300])])
         [before] = segmenter.segment([job])
-        assert before["model_version"] == "random-lightening_test-0"
+        assert before["model_version"] == "random-vit_test-0"  # a teacher-only start
 
         for round_ in range(3):
             log = open(tmp_path / f"train{round_}.log", "wb")
