@@ -32,23 +32,9 @@ from serving.config import Settings
 from serving.correction_stream import (ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENTS, Correction,
                                        correction_from_event, deleted_ids)
 from serving.corrections import EventLog, FileCorrectionSink
+from serving.statefiles import pid_alive, read_json, write_json
 
 log = logging.getLogger(__name__)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=1))
-    os.replace(temporary, path)
 
 
 class TrainingState:
@@ -58,10 +44,10 @@ class TrainingState:
         self.path = Path(directory) / "state.json"
 
     def read(self) -> dict:
-        return _read_json(self.path)
+        return read_json(self.path)
 
     def update(self, **values) -> None:
-        _write_json(self.path, {**self.read(), **values})
+        write_json(self.path, {**self.read(), **values})
 
 
 class EventLogCorrections:
@@ -107,10 +93,10 @@ class FileRefused:
         self.path = path
 
     def __contains__(self, digest: str) -> bool:
-        return digest in _read_json(self.path)
+        return digest in read_json(self.path)
 
     def add(self, digest: str) -> None:
-        _write_json(self.path, {**_read_json(self.path), digest: time.time()})
+        write_json(self.path, {**read_json(self.path), digest: time.time()})
 
 
 @contextmanager
@@ -191,7 +177,7 @@ class LocalTrainingScheduler:
         state = self.state.read()
         running = state.get("running")
         return {key: value for key, value in {
-            "running": running if running and _alive(running.get("pid")) else None,
+            "running": running if running and pid_alive(running.get("pid")) else None,
             "last": state.get("last"), "new_corrections": self.corrections.new_since_training()}.items()
             if value is not None}
 
@@ -223,16 +209,6 @@ class LocalTrainingScheduler:
                                                       reason], start_new_session=True)
             except Exception:  # noqa: BLE001 - the schedule must outlive one bad check
                 log.exception("training schedule check failed")
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

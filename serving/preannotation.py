@@ -36,6 +36,7 @@ from serving.jobs import SegmentJob
 from serving.labels import parse_config
 from serving.options import ProjectOptions
 from serving.predictions import ProjectPredictions
+from serving.statefiles import parse_json_object, pid_alive
 
 if TYPE_CHECKING:
     from serving.labelstudio_api import LabelStudioClient
@@ -101,7 +102,7 @@ class _Counters:
         with open(self.path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
-            data = _json_or_empty(f.read())
+            data = parse_json_object(f.read())
             for name, value in counts.items():
                 data[name] = data.get(name, 0) + value
             if error is not None:
@@ -112,17 +113,9 @@ class _Counters:
 
     def read(self) -> dict:
         try:
-            return _json_or_empty(self.path.read_text())
+            return parse_json_object(self.path.read_text())
         except FileNotFoundError:
             return {}
-
-
-def _json_or_empty(text: str) -> dict:
-    try:
-        data = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class SpoolQueue:
@@ -168,7 +161,7 @@ class SpoolQueue:
         """Put back what a dead process had claimed."""
         for path in self.running.glob("*.json"):
             pid = path.name.split("--", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(pid):
                 os.replace(path, self.pending / path.name.split("--", 1)[1])
                 log.info("pre-annotation: %s put back (its process %s is gone)", path.name, pid)
 
@@ -205,16 +198,6 @@ class SpoolQueue:
 
 def _count(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*.json"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class RQQueue:
