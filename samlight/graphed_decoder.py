@@ -142,16 +142,17 @@ class ReducedAttention(nn.Module):
         self.num_heads = attention.num_heads
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A side of batch 1 (the image tokens, the same for every prompt) broadcasts against the other."""
         q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
-        batch, queries, channels = q.shape
         heads = self.num_heads
-        q = q.view(batch, queries, 1, heads, channels // heads)
-        k = k.view(batch, 1, -1, heads, channels // heads)
-        v = v.view(batch, 1, -1, heads, channels // heads)
+        channels = q.shape[-1]
+        q = q.view(q.shape[0], q.shape[1], 1, heads, channels // heads)
+        k = k.view(k.shape[0], 1, k.shape[1], heads, channels // heads)
+        v = v.view(v.shape[0], 1, v.shape[1], heads, channels // heads)
         scores = (q * k).sum(-1, dtype=torch.float32) / math.sqrt(channels // heads)  # (B, Nq, Nk, heads)
         weights = torch.softmax(scores, dim=2).to(v.dtype)
         out = (weights[..., None] * v).sum(2)  # (B, Nq, heads, head dim)
-        return self.out_proj(out.reshape(batch, queries, channels))
+        return self.out_proj(out.reshape(out.shape[0], out.shape[1], channels))
 
 
 class ChannelsLastUpsample(nn.Module):
@@ -189,15 +190,23 @@ class ChannelsLastMaskDecoder(nn.Module):
         self.up1, self.up2 = ChannelsLastUpsample(up1), ChannelsLastUpsample(up2)
 
     def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                multimask_output: bool, shared_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shared_image``: every prompt has the same dense embedding (no mask input, as in a point grid); the
+        image tokens then enter the transformer once, not once per prompt, and the first layer's projections of
+        them are computed once (with ``ReducedAttention``, which broadcasts), until the first image-to-token
+        update makes them differ."""
         d = self.decoder
         prompts = sparse_prompt_embeddings.size(0)
         output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse_prompt_embeddings), dim=1)
-        src = torch.repeat_interleave(image_embeddings, prompts, dim=0) + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, prompts, dim=0)
-        batch, channels, height, width = src.shape
+        if shared_image:
+            src, pos_src = image_embeddings + dense_prompt_embeddings[:1], image_pe
+        else:
+            src = torch.repeat_interleave(image_embeddings, prompts, dim=0) + dense_prompt_embeddings
+            pos_src = torch.repeat_interleave(image_pe, prompts, dim=0)
+        _, channels, height, width = src.shape
         hs, keys = d.transformer(src, pos_src, tokens)
+        batch = keys.shape[0]
         x = self.up1(keys.view(batch, height, width, channels))
         norm = self.norm2d  # LayerNorm2d over channels: a layer norm over the last dimension here
         x = self.act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
@@ -247,7 +256,8 @@ class CompiledBulkDecoder:
         sparse, dense = embed_prompts(self.model.prompt_encoder, coords, labels, None)
         low_res, iou = self.mask_decoder(image_embeddings=features, image_pe=dense_pe,
                                          sparse_prompt_embeddings=sparse.to(self.dtype),
-                                         dense_prompt_embeddings=dense.to(self.dtype), multimask_output=True)
+                                         dense_prompt_embeddings=dense.to(self.dtype), multimask_output=True,
+                                         shared_image=True)
         # SAM's stability score, fused into the pass that writes the logits (no second read of them)
         threshold = self.model.mask_threshold
         inside = (low_res > threshold + offset).flatten(2).sum(-1, dtype=torch.int32)
