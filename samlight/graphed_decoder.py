@@ -227,8 +227,8 @@ class CompiledBulkDecoder:
     copy of the image tokens (4096 × 256) and of the upscaled mask features (32 × 256 × 256). Eager PyTorch
     runs SAM's broadcasts (``keys + key_pe``), ``LayerNorm2d`` and GELUs over them as separate strided
     kernels (most of a grid's time on an H200); inductor fuses them. The cross attentions between prompt and
-    image tokens run as ``ReducedAttention``, the upscaling channels-last (``ChannelsLastMaskDecoder``). One
-    compiled graph per batch shape (batches are padded to a
+    image tokens run as ``ReducedAttention``, the upscaling channels-last, and the image tokens enter the
+    transformer once for all prompts (``ChannelsLastMaskDecoder``'s ``shared_image``). One compiled graph per batch shape (batches are padded to a
     power of two), in bf16 on its own copy of the weights.
     """
 
