@@ -27,6 +27,7 @@ from serving import labelstudio
 from backend.prompts import PromptError
 from serving.local_training import LocalTrainingScheduler
 from serving.preannotation import create_queue
+from serving.registry import model_role
 from serving.segmenter import Segmenter, create_segmenter
 from backend.settings import BackendSettings
 
@@ -152,8 +153,10 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         if corrections.get("pending_local"):
             degraded.append(f"{corrections['pending_local']} correction event(s) wait in the local log for Redis")
         status = "DOWN" if "error" in details else ("DEGRADED" if degraded else "UP")
-        body = {"status": status, "model_class": LabelStudioAdapter.__name__, "model_version": segmenter.model_version,
-                **details, "degraded": degraded, "corrections": corrections, "failures": failures.summary()}
+        version = segmenter.model_version
+        body = {"status": status, "model_class": LabelStudioAdapter.__name__, "model_version": version,
+                "model_role": model_role(version), **details, "degraded": degraded, "corrections": corrections,
+                "failures": failures.summary()}
         if services.preannotations is not None:
             body["preannotation"] = services.preannotations.progress()
         if schedule is not None:
@@ -172,7 +175,8 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
         project = project_key(data.get("project"))
         if project is not None:
             project_options.save(project, data.get("extra_params"))
-        return jsonify({"model_version": segmenter.model_version, "options": options.to_dict()})
+        version = segmenter.model_version
+        return jsonify({"model_version": version, "model_role": model_role(version), "options": options.to_dict()})
 
     @app.post("/predict")
     def predict():
@@ -225,6 +229,7 @@ def create_app(settings: BackendSettings | None = None, segmenter: Segmenter | N
 
     @app.get("/versions")
     def versions():
-        return jsonify({"versions": segmenter.versions(), "model_version": segmenter.model_version})
+        version = segmenter.model_version
+        return jsonify({"versions": segmenter.versions(), "model_version": version, "model_role": model_role(version)})
 
     return app

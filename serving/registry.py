@@ -23,6 +23,13 @@ VERSION_FILE = "version.json"
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def model_role(version: str) -> str:
+    """``"teacher"`` when a version names SAM itself (``vit_b-…``, ``sam-…``, ``random-vit_b-0``: served until the
+    learning loop's first student), else ``"student"``."""
+    name = version.removeprefix("random-")
+    return "teacher" if name.startswith(("vit_", "sam-")) else "student"
+
+
 class RegistryError(ValueError):
     """Unknown, corrupt or mismatched version."""
 

@@ -123,10 +123,6 @@ class InProcessSegmenter:
         # a version the learning loop published wins over the configured model, and replaces it while serving
         self.registry = registry if source.test_model is None else None
         self._version = self._active() or source.version()  # cheap; a SAM .pth is hashed once here, at startup
-        # a SAM checkpoint (or SAM config) configured: the teacher serves until the learning loop's first student
-        configured = source.checkpoint or source.random or ""
-        self._configured_role = "teacher" if (source.random or "").startswith("vit") or configured.endswith(
-            ".pth") or configured.startswith("vit_") else "student"
         self._failed_versions: set[str] = set()
         self.holder = ModelHolder(PredictorSettings(settings.device, settings.cache_entries, settings.cpu_fast,
                                                     settings.cpu_int8), settings.refine_entries)
@@ -289,10 +285,8 @@ class InProcessSegmenter:
             log.warning("prewarm failed: %s", result["error"])
 
     def health(self) -> dict[str, Any]:
-        role = "student" if self._active() else self._configured_role
-        status: dict[str, Any] = {"mode": "embedded", "model_loaded": self.loaded, "model_role": role,
-                                  "inflight": self._inflight, "prewarm_pending": self._prewarm_pending,
-                                  "pid": os.getpid()}
+        status: dict[str, Any] = {"mode": "embedded", "model_loaded": self.loaded, "inflight": self._inflight,
+                                  "prewarm_pending": self._prewarm_pending, "pid": os.getpid()}
         if self._load_error:
             status["error"] = self._load_error
         if self.holder.served is not None:

@@ -113,8 +113,11 @@ def test_setup_is_cheap_and_validates(host, tmp_path):
     response = client.post("/setup", json={"project": "1.1", "schema": SMART_CONFIG, "hostname": host.url,
                                            "access_token": "x", "extra_params": None})
     assert response.status_code == 200
-    assert response.get_json() == {"model_version": "random-lightening_t-0",
+    assert response.get_json() == {"model_version": "random-lightening_t-0", "model_role": "student",
                                    "options": DEFAULTS}
+    teacher = make_app(host, tmp_path / "teacher", ModelSource(random="vit_test")).test_client()
+    assert teacher.post("/setup", json={"schema": SMART_CONFIG}).get_json()["model_role"] == "teacher"
+    assert teacher.get("/versions").get_json()["model_role"] == "teacher"
     assert not app.extensions["samlight"].segmenter.loaded  # /setup never loads the model
     keypoints_only = ('<View><Image name="i" value="$i"/>'
                       '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>')
