@@ -294,7 +294,8 @@ class RQSegmenter:
             workers = self.worker_info(probe)
             depth = self.queue_depth(probe)
             status = {"mode": "rq", "redis": "ok", "workers": workers, "queue_depth": depth,
-                      "queued": sum(depth.values()), "fleet": "UP" if workers else "NO_WORKERS"}
+                      "queued": sum(depth.values()), "fleet": "UP" if workers else "NO_WORKERS",
+                      **self._training(probe)}
             if not workers:
                 status["error"] = "no inference worker is alive (start `python -m workers.inference`)"
         except Exception as error:
@@ -303,6 +304,18 @@ class RQSegmenter:
         finally:
             probe.close()
         return status
+
+    def _training(self, redis) -> dict:
+        """The DLD job's state, and its last outcome (a refused candidate says why)."""
+        try:
+            job = Job.fetch(self.settings.keys.training_job_id, connection=redis, serializer=JSONSerializer)
+        except Exception:  # noqa: BLE001 - no job yet, or an unreadable one: nothing to show
+            return {}
+        result = job.return_value() if job.get_status() == "finished" else None
+        last = {k: v for k, v in (result or {}).items() if k in ("status", "version", "why", "reason")}
+        if isinstance(result, dict) and (result.get("metrics") or {}).get("gate"):
+            last.setdefault("why", result["metrics"]["gate"].get("why"))
+        return {"training": {"job": job.get_status(), **({"last": last} if last else {})}}
 
     def close(self) -> None:
         for client in (self.redis, self.wait_redis):

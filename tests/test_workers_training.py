@@ -144,6 +144,8 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
                 assert "active_heldout" in summary["metrics"]
                 assert "box IoU to the teacher" in summary["metrics"]["gate"]["why"]
                 assert registry.active() == first["version"]  # the refused candidate is never served
+                shown = segmenter.health()["training"]  # what the backend's /health shows
+                assert shown["last"]["status"] == "rejected" and "IoU to the teacher" in shown["last"]["why"]
                 sink.record({"action": "START_TRAINING"})  # nothing new: the job must not train again
             else:
                 assert summary["status"] == "up-to-date", summary
