@@ -254,3 +254,32 @@ def test_polygon_project_in_the_browser(stack, photos):
     exported = np.array(segmentation).reshape(-1, 2)
     answered = np.array(region["value"]["points"]) * np.array(size) / 100
     assert exported.shape == answered.shape and np.allclose(exported, answered, atol=0.5)
+
+
+def test_pre_annotation_shows_in_the_editor(stack, photos):
+    """With auto_annotate in the model's extra params (set in the Connect Model form), opening a task shows the
+    automatic masks in Label Studio's editor as the model's prediction, labelled, ready to correct."""
+    studio, backend = stack
+    project = studio.api("POST", "/api/projects", json={"title": "pre-annotation", "label_config": SMART_CONFIG}).json()
+    path = photos["paths"][1]
+    with open(path, "rb") as f:
+        studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
+    [task] = studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"]
+    options = ('{"auto_annotate": true, "auto_label": "Object", "auto_points_per_side": 4, "auto_pred_iou": 0, '
+               '"auto_stability": 0, "min_area": 0}')  # random weights: predicted IoUs near 0
+
+    with chromium() as browser:
+        ui = LabelingUI(browser, studio.url, ARTEFACTS)
+        with ui.artefacts_on_failure("pre-annotation"):
+            ui.log_in(*USER)
+            ui.connect_model(project["id"], "samlight", backend.url, options)
+            ui.open_task(project["id"], task["id"])
+            ui.page.wait_for_function("() => window.Htx.annotationStore.predictions.length > 0", timeout=60_000)
+            shown = ui.evaluate("() => window.Htx.annotationStore.predictions.map(p => ({"
+                                " version: p.createdBy, regions: p.regions.map(r => [r.type, r.labels])}))")
+            ui.save_artefacts("pre-annotation")  # a look at the editor showing the masks
+    [prediction] = shown
+    assert prediction["regions"], shown
+    assert all(kind == "brushregion" and labels == ["Object"] for kind, labels in prediction["regions"]), shown
+    [stored] = studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+    assert stored["model_version"] == studio.session.get(f"{backend.url}/health").json()["model_version"]
