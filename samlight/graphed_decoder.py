@@ -166,7 +166,7 @@ class ChannelsLastUpsample(nn.Module):
         self.out_channels = conv.out_channels
         # (Cin, Cout, 2, 2) -> (Cin, 2·2·Cout): the GEMM writes each input pixel's 2×2 outputs channel-last
         weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.in_channels, -1)
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         self.register_buffer("weight", weight.clone())
         self.register_buffer("bias", bias.repeat(4).clone())
 
@@ -219,6 +219,18 @@ class ChannelsLastMaskDecoder(nn.Module):
         return masks[:, chosen], iou_pred[:, chosen]
 
 
+def bulk_mask_decoder(mask_decoder: nn.Module) -> ChannelsLastMaskDecoder:
+    """A copy of SAM's mask decoder for many prompts on one image: cross attention as ``ReducedAttention``
+    (which broadcasts the shared image tokens), upscaling channels-last."""
+    decoder = copy.deepcopy(mask_decoder)
+    transformer = decoder.transformer
+    for layer in transformer.layers:
+        layer.cross_attn_token_to_image = ReducedAttention(layer.cross_attn_token_to_image)
+        layer.cross_attn_image_to_token = ReducedAttention(layer.cross_attn_image_to_token)
+    transformer.final_attn_token_to_image = ReducedAttention(transformer.final_attn_token_to_image)
+    return ChannelsLastMaskDecoder(decoder)
+
+
 class CompiledBulkDecoder:
     """Prompt encoder + mask decoder for large batches of point prompts (automatic masks' grid), compiled,
     with SAM's stability score.
@@ -226,10 +238,9 @@ class CompiledBulkDecoder:
     With hundreds of prompts the decoder is bandwidth-bound, not launch-bound: each prompt carries its own
     copy of the image tokens (4096 × 256) and of the upscaled mask features (32 × 256 × 256). Eager PyTorch
     runs SAM's broadcasts (``keys + key_pe``), ``LayerNorm2d`` and GELUs over them as separate strided
-    kernels (most of a grid's time on an H200); inductor fuses them. The cross attentions between prompt and
-    image tokens run as ``ReducedAttention``, the upscaling channels-last, and the image tokens enter the
-    transformer once for all prompts (``ChannelsLastMaskDecoder``'s ``shared_image``). One compiled graph per batch shape (batches are padded to a
-    power of two), in bf16 on its own copy of the weights.
+    kernels (most of a grid's time on an H200); inductor fuses them. The decoder is ``bulk_mask_decoder``'s: the
+    image tokens enter the transformer once for all prompts. One compiled graph per batch shape (batches are
+    padded to a power of two), in ``dtype`` (bf16 on CUDA) on its own copy of the weights.
     """
 
     # inductor's coordinate-descent tuning of its GPU kernels' block sizes: 44.5 instead of 54.4 ms per 32×32
@@ -240,13 +251,7 @@ class CompiledBulkDecoder:
         """``options``: inductor's, for this compilation (default ``OPTIONS``)."""
         self.model = model
         self.dtype = dtype
-        decoder = copy.deepcopy(model.mask_decoder)
-        transformer = decoder.transformer
-        for layer in transformer.layers:
-            layer.cross_attn_token_to_image = ReducedAttention(layer.cross_attn_token_to_image)
-            layer.cross_attn_image_to_token = ReducedAttention(layer.cross_attn_image_to_token)
-        transformer.final_attn_token_to_image = ReducedAttention(transformer.final_attn_token_to_image)
-        self.mask_decoder = ChannelsLastMaskDecoder(decoder).to(dtype)
+        self.mask_decoder = bulk_mask_decoder(model.mask_decoder).to(dtype)
         on_cuda = next(model.parameters()).is_cuda
         self._compiled = torch.compile(self._decode, dynamic=False,
                                        options=(self.OPTIONS if on_cuda else {}) if options is None else options)

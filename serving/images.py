@@ -202,8 +202,8 @@ class ImageFetcher:
         if url.startswith("//"):
             raise FetchError(f"scheme-relative image URL {url!r} is not supported: use http(s)://", 400)
         if scheme == "" and url.startswith("/"):
-            if not self.label_studio_url and storage_uri(url):
-                raise FetchError(f"the image {storage_uri(url)[1]} is in cloud storage: set LABEL_STUDIO_URL and "
+            if not self.label_studio_url and (stored := storage_uri(url)):
+                raise FetchError(f"the image {stored[1]} is in cloud storage: set LABEL_STUDIO_URL and "
                                  "LABEL_STUDIO_API_KEY so that Label Studio can presign it for the backend", 400)
             if not self.label_studio_url:
                 raise FetchError(f"the image URL {url} is relative to Label Studio: set LABEL_STUDIO_URL "

@@ -55,9 +55,21 @@ class EventLogCorrections:
 
     def __init__(self, events: EventLog, state: TrainingState) -> None:
         self.events, self.state = events, state
+        self._scanned: tuple[tuple, tuple] | None = None  # (the log's size and mtime, what they gave)
 
     def scan(self) -> tuple[dict[str, Correction], int, int]:
-        """(corrections by annotation id, annotation events seen, START_TRAINING requests seen)."""
+        """(corrections by annotation id, annotation events seen, START_TRAINING requests seen); the log is
+        read again only when it changed (the scheduler asks every few seconds, /health on every call)."""
+        try:
+            stat = self.events.path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            stamp = None
+        if self._scanned is None or self._scanned[0] != stamp:
+            self._scanned = (stamp, self._read())
+        return self._scanned[1]
+
+    def _read(self) -> tuple[dict[str, Correction], int, int]:
         corrections: dict[str, Correction] = {}
         annotation_events = requests = 0
         for event in self.events.events():
@@ -162,16 +174,12 @@ class LocalTrainingScheduler:
         self.directory = training_dir(settings)
         self.state = TrainingState(self.directory)
         self.corrections = EventLogCorrections(FileCorrectionSink(settings.corrections_dir).log, self.state)
-        self._stop = threading.Event()
         self._process: subprocess.Popen | None = None
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._loop, name="training-schedule", daemon=True)
         thread.start()
         return thread
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def health(self) -> dict:
         state = self.state.read()
@@ -197,7 +205,8 @@ class LocalTrainingScheduler:
         return None
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.check_s):
+        while True:
+            time.sleep(self.check_s)
             try:
                 if self._process is not None and self._process.poll() is None:
                     continue

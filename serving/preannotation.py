@@ -36,7 +36,7 @@ from serving.jobs import SegmentJob
 from serving.labels import parse_config
 from serving.options import ProjectOptions
 from serving.predictions import ProjectPredictions
-from serving.statefiles import parse_json_object, pid_alive
+from serving.statefiles import parse_json_object, pid_alive, read_json
 
 if TYPE_CHECKING:
     from serving.labelstudio_api import LabelStudioClient
@@ -112,10 +112,7 @@ class _Counters:
             f.write(json.dumps(data))
 
     def read(self) -> dict:
-        try:
-            return parse_json_object(self.path.read_text())
-        except FileNotFoundError:
-            return {}
+        return read_json(self.path)
 
 
 class SpoolQueue:
@@ -128,7 +125,6 @@ class SpoolQueue:
             folder.mkdir(parents=True, exist_ok=True)
         self.counters = _Counters(self.directory / "counts.json")
         self.idle_s = idle_s
-        self._stop = threading.Event()
         self._wake = threading.Event()
 
     def submit(self, items: list[Preannotation]) -> None:
@@ -153,10 +149,6 @@ class SpoolQueue:
         thread.start()
         return thread
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-
     def _recover(self) -> None:
         """Put back what a dead process had claimed."""
         for path in self.running.glob("*.json"):
@@ -176,7 +168,7 @@ class SpoolQueue:
         return None
 
     def _work(self, run: Callable[[Preannotation], str]) -> None:
-        while not self._stop.is_set():
+        while True:
             claimed = self._claim()
             if claimed is None:
                 self._wake.wait(self.idle_s)

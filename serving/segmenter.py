@@ -183,8 +183,7 @@ class InProcessSegmenter:
         start = time.perf_counter()
         try:
             active = self._active()
-            served = self.holder.build(self.registry.load(active).model, active) if active else \
-                self.holder.build(*self.source.load())
+            served = self._build(active) if active else self.holder.build(*self.source.load())
         except Exception as error:  # surfaced by /health and every request
             self._load_error = f"{error.__class__.__name__}: {error}"
             log.error("cannot load the model: %s", self._load_error)
@@ -205,6 +204,10 @@ class InProcessSegmenter:
         thread.start()
         return thread
 
+    def _build(self, version: str) -> Served:
+        """A registry version's predictor, warmed up (not served until swapped in)."""
+        return self.holder.build(self.registry.load(version).model, version)
+
     def _follow_registry(self) -> None:
         """Hot reload: a newly activated version is loaded and warmed up beside the served one, then swapped
         in; clicks keep being answered by the old model meanwhile. A version that fails to load is left."""
@@ -215,7 +218,7 @@ class InProcessSegmenter:
                 continue
             started = time.perf_counter()
             try:
-                served = self.holder.build(self.registry.load(active).model, active)
+                served = self._build(active)
             except Exception as error:  # noqa: BLE001 - the old model keeps serving
                 self._failed_versions.add(active)
                 log.error("cannot load the newly active version %s, still serving %s: %s", active, self._version,
@@ -304,6 +307,4 @@ def create_segmenter(settings: Settings, fetcher: ImageFetcher) -> Segmenter:
         from serving.remote import RQSegmenter  # lazy: keeps torch off the request path
 
         return RQSegmenter(settings.rq, fetcher=fetcher)
-    from serving.registry import ModelRegistry
-
     return InProcessSegmenter(settings.embedded, settings.model, fetcher, ModelRegistry(settings.model_dir))

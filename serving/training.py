@@ -21,6 +21,7 @@ Two drivers: the RQ job ``workers.training.run_training`` (corrections in Redis)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,19 +92,31 @@ def to_samples(corrections: list[Correction], fetcher) -> list:
     return samples
 
 
-def remote_sample(url: str, fetcher):
-    """A training image without masks, fetched when the trainer reads it (a project may hold thousands)."""
+@functools.cache
+def _remote_sample_class():
+    """``TrainingSample`` whose image is fetched when the trainer reads it (defined on first use: the
+    distillation package imports torch, which a training worker's parent process never does)."""
+    from dataclasses import dataclass as _dataclass, field as _field
+
     from samlight.distill import TrainingSample
 
+    @_dataclass
     class RemoteSample(TrainingSample):
+        fetcher: object = _field(default=None, repr=False)
+
         def load_image(self):
             try:
-                return fetcher.fetch(url)
+                return self.fetcher.fetch(self.image)
             except Exception as error:  # noqa: BLE001 - one image gone since the listing must not stop the run
-                log.warning("training image %s unavailable (%s): a blank image stands in", url, error)
+                log.warning("training image %s unavailable (%s): a blank image stands in", self.image, error)
                 return np.zeros((64, 64, 3), dtype=np.uint8)
 
-    return RemoteSample(image=url, key=fetcher.image_key(url))
+    return RemoteSample
+
+
+def remote_sample(url: str, fetcher):
+    """A training image without masks, fetched when the trainer reads it (a project may hold thousands)."""
+    return _remote_sample_class()(image=url, key=fetcher.image_key(url), fetcher=fetcher)
 
 
 def project_images(client, projects: set[int], limit: int) -> list[tuple[int, str]]:

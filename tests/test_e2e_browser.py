@@ -209,15 +209,21 @@ def coco_export(studio, project_id: int) -> dict:
         return json.loads(archive.read(name))
 
 
+def one_photo_project(studio, title: str, config: str, path) -> tuple[dict, dict]:
+    """A project with ``config`` and one uploaded photo: (project, its task)."""
+    project = studio.api("POST", "/api/projects", json={"title": title, "label_config": config}).json()
+    with open(path, "rb") as f:
+        studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
+    [task] = studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"]
+    return project, task
+
+
 def test_polygon_project_in_the_browser(stack, photos):
     """A project whose only target is PolygonLabels: a smart click gives a polygon region in the editor, and Label
     Studio's COCO export of the submitted annotation holds that polygon."""
     studio, backend = stack
-    project = studio.api("POST", "/api/projects", json={"title": "polygons", "label_config": POLYGON_CONFIG}).json()
     path = photos["paths"][0]
-    with open(path, "rb") as f:
-        studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
-    [task] = studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"]
+    project, task = one_photo_project(studio, "polygons", POLYGON_CONFIG, path)
     size = Image.open(path).size
     x, y, w, h = photos["bbox"]
 
@@ -260,11 +266,7 @@ def test_pre_annotation_shows_in_the_editor(stack, photos):
     """With auto_annotate in the model's extra params (set in the Connect Model form), opening a task shows the
     automatic masks in Label Studio's editor as the model's prediction, labelled, ready to correct."""
     studio, backend = stack
-    project = studio.api("POST", "/api/projects", json={"title": "pre-annotation", "label_config": SMART_CONFIG}).json()
-    path = photos["paths"][1]
-    with open(path, "rb") as f:
-        studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": (path.name, f, "image/jpeg")})
-    [task] = studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"]
+    project, task = one_photo_project(studio, "pre-annotation", SMART_CONFIG, photos["paths"][1])
     options = ('{"auto_annotate": true, "auto_label": "Object", "auto_points_per_side": 4, "auto_pred_iou": 0, '
                '"auto_stability": 0, "min_area": 0}')  # random weights: predicted IoUs near 0
 

@@ -160,15 +160,10 @@ def test_channels_last_mask_decoder_equals_sams(test_student):
             for a, e in zip(actual, expected):
                 assert a.shape == e.shape and torch.allclose(a, e, atol=1e-4), (a - e).abs().max()
         # shared image tokens with the bulk decoder's attention (which broadcasts them)
-        from samlight.graphed_decoder import ReducedAttention
+        from samlight.graphed_decoder import bulk_mask_decoder
 
-        decoder = copy.deepcopy(model.mask_decoder)
-        for layer in decoder.transformer.layers:
-            layer.cross_attn_token_to_image = ReducedAttention(layer.cross_attn_token_to_image)
-            layer.cross_attn_image_to_token = ReducedAttention(layer.cross_attn_image_to_token)
-        decoder.transformer.final_attn_token_to_image = ReducedAttention(decoder.transformer.final_attn_token_to_image)
         expected = model.mask_decoder(*args, multimask_output=True)
-        actual = ChannelsLastMaskDecoder(decoder)(*args, multimask_output=True, shared_image=True)
+        actual = bulk_mask_decoder(model.mask_decoder)(*args, multimask_output=True, shared_image=True)
         for a, e in zip(actual, expected):
             assert torch.allclose(a, e, atol=1e-4), (a - e).abs().max()
 
