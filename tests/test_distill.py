@@ -127,6 +127,39 @@ def test_feature_cache_spares_the_teacher_and_changes_nothing(tmp_path, train_sa
     _assert_same_weights(cold, uncached)
 
 
+def test_resident_features_run_the_teacher_once_per_image_and_change_nothing(tmp_path, train_samples):
+    samples = train_samples[:4]
+    common = dict(encoder_steps=6, decoder_steps=0, batch_size=2, progress=False)
+    resident = fine_tune("lightening_test", TEACHER, samples,
+                         FineTuneConfig(out_dir=str(tmp_path / "resident"), resident_features_gb=0.5, **common))
+    recomputed = fine_tune("lightening_test", TEACHER, samples,
+                           FineTuneConfig(out_dir=str(tmp_path / "recomputed"), resident_features_gb=0, **common))
+    assert load_student(resident).metadata["metrics"]["encoder"]["teacher_images"] == 4  # 3 epochs, one teacher pass
+    assert load_student(recomputed).metadata["metrics"]["encoder"]["teacher_images"] == 12
+    _assert_same_weights(resident, recomputed)
+
+
+def test_augmented_views_are_new_to_the_teacher_and_snapshots_follow_the_run(tmp_path, train_samples):
+    samples = train_samples[:4]
+    config = FineTuneConfig(out_dir=str(tmp_path / "run"), encoder_steps=6, decoder_steps=0, batch_size=2,
+                            augment=1.0, snapshot_every=2, resident_features_gb=0.5, cache_dir=str(tmp_path / "cache"),
+                            progress=False)
+    path = fine_tune("lightening_test", TEACHER, samples, config)
+    meta = load_student(path).metadata
+    assert meta["metrics"]["encoder"]["teacher_images"] == 12  # every view is a new image: none kept, none cached
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert snapshots == ["encoder-000002", "encoder-000004", "encoder-000006"]
+    _assert_same_weights(path, tmp_path / "run" / "snapshots" / "encoder-000006")
+    again = fine_tune("lightening_test", TEACHER, samples,
+                      FineTuneConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "again"), "snapshot_every": 0}))
+    _assert_same_weights(path, again)  # the views are functions of seed and position
+    plain = fine_tune("lightening_test", TEACHER, samples,
+                      FineTuneConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "plain"), "augment": 0.0}))
+    assert not torch.equal(_weights(path)["image_encoder.patch_embed.proj.weight"],
+                           _weights(plain)["image_encoder.patch_embed.proj.weight"])
+
+
 @pytest.mark.slow
 def test_decoder_alignment_fits_ground_truth_box_prompts(tmp_path, train_samples, encoder_run):
     samples = train_samples[:4]

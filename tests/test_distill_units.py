@@ -131,3 +131,16 @@ def test_cli_errors(tmp_path, coco_tiny, capsys):
                  str(coco_tiny / "val2017"), "--out", str(tmp_path / "o"), "--max-images", "1"]) == 2
     assert "px" in capsys.readouterr().err  # 256 px teacher vs 1024 px student
     assert main(["distill", "--teacher", "random:nope", "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_random_views_flip_crop_and_recolour_within_bounds():
+    from samlight.distill.augment import MIN_CROP, random_view
+
+    image = np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    views = [random_view(image, np.random.default_rng(seed)) for seed in range(20)]
+    for view in views:
+        assert view.dtype == np.uint8 and view.ndim == 3
+        assert MIN_CROP * 120 - 1 <= view.shape[0] <= 120 and MIN_CROP * 200 - 1 <= view.shape[1] <= 200
+    assert len({v.shape for v in views}) > 10  # crops differ
+    again = random_view(image, np.random.default_rng(3))
+    assert np.array_equal(again, views[3])  # a view is a function of its generator's seed

@@ -29,6 +29,7 @@ class FineTuneConfig:
     # encoder stage
     layer_sigma: float = 0.25  # width of the dynamic layer-weight bump (see samlight.distill.schedule)
     neck_weight: float = 1.0
+    augment: float = 0.0  # share of images seen as a random view (flip, crop, colour; see samlight.distill.augment)
     # decoder stage
     teacher_loss_weight: float = 1.0
     gt_loss_weight: float = 1.0
@@ -40,6 +41,9 @@ class FineTuneConfig:
     unfreeze_blocks: int = 0  # encoder blocks trained in the decoder stage, from the last one back (-1: all)
     # practicalities
     checkpoint_every: int = 50  # steps between atomic training-state checkpoints
+    snapshot_every: int = 0  # encoder stage: also save the student every N steps (OUT/snapshots/), 0: never
+    # teacher features kept on the training device (None: a tenth of a GPU's memory, none on the CPU)
+    resident_features_gb: float | None = None
     num_workers: int = 0  # data loader threads (image decoding, cache reads); 0: in the training loop
     progress: bool = True
     max_images: int | None = None
@@ -47,10 +51,10 @@ class FineTuneConfig:
 
     # what a run's result does not depend on: these may change between an interruption and the resume
     PRACTICAL = ("out_dir", "device", "progress", "num_workers", "checkpoint_every", "cache_dir", "cache_max_gb",
-                 "restart")
+                 "restart", "snapshot_every", "resident_features_gb")
 
     def validate(self) -> None:
-        for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers"):
+        for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers", "snapshot_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "checkpoint_every"):
@@ -58,6 +62,8 @@ class FineTuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.encoder_steps + self.decoder_steps == 0:
             raise ValueError("nothing to do: encoder_steps and decoder_steps are both 0")
+        if not 0 <= self.augment <= 1:
+            raise ValueError(f"augment must be in [0, 1], got {self.augment}")
         if not 0 <= self.box_fraction <= 1:
             raise ValueError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
         if self.lr <= 0 or self.decoder_lr <= 0:

@@ -32,11 +32,16 @@ def teacher_forward(teacher: Sam, x: torch.Tensor, blocks: list[int]) -> tuple[t
 
 
 class TeacherFeatures:
-    """Teacher features per image: read from the cache, else one teacher encoder call for all misses
-    (a run whose images are all cached never runs the teacher's encoder)."""
+    """Teacher features per image: kept on the device (up to ``resident_bytes``), else read from the disk
+    cache, else one teacher encoder call for all misses. A run whose images all fit on the device reads
+    each image's features once; one whose images are all cached never runs the teacher's encoder.
+
+    An image key of ``None`` is an augmented view: its features are computed and used once.
+    """
 
     def __init__(self, spec: ModelSpec, device: torch.device, cache: TeacherFeatureCache | None,
-                 autocast: bool, teacher: Sam | None = None, identity: str | None = None) -> None:
+                 autocast: bool, teacher: Sam | None = None, identity: str | None = None,
+                 resident_bytes: int = 0) -> None:
         self.spec = spec
         # a checkpoint's identity hashes the whole file: computed once by the caller when it can
         self.identity = identity or (cache.teacher_identity if cache is not None else spec.identity)
@@ -45,6 +50,9 @@ class TeacherFeatures:
         self.autocast = autocast
         self._teacher = teacher
         self.teacher_images = 0  # images the teacher encoder actually ran on
+        self.resident_bytes = resident_bytes
+        self._resident: dict[str, dict[str, torch.Tensor]] = {}
+        self._resident_used = 0
 
     @property
     def teacher(self) -> Sam:
@@ -57,8 +65,15 @@ class TeacherFeatures:
     def cache_key(self, image_key: str, img_size: int, blocks: list[int]) -> str | None:
         return self.cache.key(image_key, img_size, blocks) if self.cache is not None else None
 
-    def lookup(self, image_key: str, img_size: int, blocks: list[int]) -> dict[str, torch.Tensor] | None:
-        if self.cache is None:
+    def is_resident(self, image_key: str | None, blocks: list[int]) -> bool:
+        """Whether the device holds these features (the data loader then skips the disk read)."""
+        entry = self._resident.get(image_key) if image_key is not None else None
+        return entry is not None and all(f"block{b}" in entry for b in blocks)
+
+    def lookup(self, image_key: str | None, img_size: int, blocks: list[int]) -> dict[str, torch.Tensor] | None:
+        if self.is_resident(image_key, blocks):
+            return self._resident[image_key]
+        if self.cache is None or image_key is None:
             return None
         return self.cache.get(self.cache.key(image_key, img_size, blocks))
 
@@ -67,10 +82,25 @@ class TeacherFeatures:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def fetch(self, keys: list[str], x: torch.Tensor, img_size: int, blocks: list[int],
+    def _keep(self, image_key: str | None, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move an entry to the device; keep it there while the budget lasts (first come: a run reads its
+        images in a new order each epoch, so evicting would only trade one miss for another)."""
+        entry = {name: t.to(self.device, non_blocking=True) for name, t in entry.items()}
+        if image_key is None or image_key in self._resident:
+            return entry
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        if self._resident_used + size <= self.resident_bytes:
+            self._resident[image_key] = entry
+            self._resident_used += size
+        return entry
+
+    def fetch(self, keys: list[str | None], x: torch.Tensor, img_size: int, blocks: list[int],
               found: list[dict[str, torch.Tensor] | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Features of a batch (normalised inputs ``x``); ``found`` are entries already read from the cache."""
-        found = list(found) if found is not None else [self.lookup(k, img_size, blocks) for k in keys]
+        if found is None:
+            found = [self.lookup(key, img_size, blocks) for key in keys]
+        else:  # the loader read the disk cache, except for what is resident
+            found = [self._resident[key] if self.is_resident(key, blocks) else entry for key, entry in zip(keys, found)]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
             with self._precision():
@@ -80,10 +110,10 @@ class TeacherFeatures:
                 # rounded to fp16 whether cached or not, so cached and uncached runs train alike
                 entry = {"neck": neck[row].half()}
                 entry.update({f"block{b}": out[row].half() for b, out in zip(blocks, outs)})
-                if self.cache is not None:
+                if self.cache is not None and keys[i] is not None:
                     self.cache.put(self.cache.key(keys[i], img_size, blocks), entry)
                 found[i] = entry
-        # fp16 crosses to the device, the cast happens there
-        neck = torch.stack([e["neck"].to(self.device).float() for e in found])
-        feats = [torch.stack([e[f"block{b}"].to(self.device).float() for e in found]) for b in blocks]
+        found = [self._keep(key, entry) for key, entry in zip(keys, found)]
+        neck = torch.stack([e["neck"] for e in found]).float()
+        feats = [torch.stack([e[f"block{b}"] for e in found]).float() for b in blocks]
         return neck, feats

@@ -29,6 +29,7 @@ from samlight.checkpoints import load_student, save_student
 from samlight.models import ModelSpec
 from samlight.distill import distributed
 from samlight.distill.config import FineTuneConfig
+from samlight.distill.augment import random_view
 from samlight.distill.data import TrainingSample, masks_to_low_res, normalize, prepare_image
 from samlight.distill.feature_cache import TeacherFeatureCache
 from samlight.distill.loader import ThreadLoader
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = "state"
 STATE_FILE = "train_state.pt"
 STUDENT_DIR = "student"
+SNAPSHOT_DIR = "snapshots"
 STAGES = ("encoder", "decoder")
 STAGE_SEED = {"encoder": 1, "decoder": 2}
 STUDENT_EMBEDDINGS_KEPT = 256
@@ -142,27 +144,28 @@ class StageData:
     (read here so data-loader workers do the disk reads) and, for the decoder stage, sampled prompts."""
 
     def __init__(self, samples: list[TrainingSample], stage: str, config: FineTuneConfig, img_size: int,
-                 blocks: list[int], cache: TeacherFeatureCache | None) -> None:
+                 blocks: list[int], features: TeacherFeatures) -> None:
         self.samples = samples
         self.stage = stage
         self.config = config
         self.img_size = img_size
         self.blocks = blocks
-        self.cache = cache
+        self.features = features
         self.perms: dict = {}
-        self.keys: dict[int, str] = {}
 
     def __getitem__(self, position: int) -> dict:
         index = sample_index(position, len(self.samples), self.config.seed, self.stage, self.perms)
         sample = self.samples[index]
         image = sample.load_image()
         key = sample.content_key(image)
+        if self.stage == "encoder" and self.config.augment > 0:
+            rng = np.random.default_rng([self.config.seed, STAGE_SEED["encoder"], position, 11])
+            if rng.random() < self.config.augment:
+                image, key = random_view(image, rng), None  # a view of its own: features computed on the fly
         prepared = prepare_image(image, self.img_size)
         item = {"pixels": prepared.pixels, "input_size": prepared.input_size, "key": key, "index": index}
-        cached = None
-        if self.cache is not None:
-            cached = self.cache.get(self.cache.key(key, self.img_size, self.blocks))
-        item["features"] = cached
+        resident = self.features.is_resident(key, self.blocks)
+        item["features"] = None if resident else self.features.lookup(key, self.img_size, self.blocks)
         if self.stage == "decoder":
             item["prompts"] = self._prompts(sample, image, prepared, position)
         return item
@@ -248,6 +251,14 @@ class Run:
             self._teacher = self.spec.load()
         return self._teacher
 
+    def _resident_bytes(self) -> int:
+        gb = self.config.resident_features_gb
+        if gb is None:
+            if self.device.type != "cuda":
+                return 0
+            return torch.cuda.get_device_properties(self.device).total_memory // 10
+        return int(gb * (1 << 30))
+
     def _build_student(self) -> tuple[Sam, StudentConfig, str]:
         spec = self.student_spec
         if isinstance(spec, StudentConfig):
@@ -300,7 +311,7 @@ class Run:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         features = TeacherFeatures(self.spec, self.device, cache, self.autocast, teacher=self.teacher,
-                                   identity=self.identity)
+                                   identity=self.identity, resident_bytes=self._resident_bytes())
         student.to(self.device)
         stage_module.to(self.device)
         self._context = dict(student=student, student_cfg=student_cfg, origin=origin, stage_module=stage_module,
@@ -404,7 +415,7 @@ class Run:
             optimizer.load_state_dict(optimizer_state)
         img_size = ctx["student_cfg"].encoder.img_size
         blocks = ctx["blocks"]
-        data = StageData(self.samples, "encoder", cfg, img_size, blocks, ctx["cache"])
+        data = StageData(self.samples, "encoder", cfg, img_size, blocks, ctx["features"])
         loader = (stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
         features = ctx["features"]
         bar = self._progress("encoder", start, total)
@@ -446,6 +457,7 @@ class Run:
                 "layer_weights": [round(w, 6) for w in weights], "lr": lr, "grad_norm": float(grad_norm),
                 "images_per_s": images * env.world_size / elapsed, "cache_hits": hits * env.world_size,
                 "images": images * env.world_size, "teacher_images": features.teacher_images,
+                "time": time.time(),
             }
             if env.is_main:
                 self.metrics.write(record)
@@ -453,12 +465,20 @@ class Run:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", neck=f"{record['neck_loss']:.4f}",
                             w_deep=f"{weights[-1]:.2f}")
+            if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and env.is_main:
+                self._snapshot(step + 1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
                 if step + 1 == total:
                     self._save_state("decoder", 0, None)
                 else:
                     self._save_state("encoder", step + 1, optimizer)
         bar.close()
+
+    def _snapshot(self, step: int) -> None:
+        """The student as it is after ``step`` encoder steps: for fidelity-vs-steps curves."""
+        ctx = self._context
+        save_student(ctx["student"], ctx["student_cfg"], self.out / SNAPSHOT_DIR / f"encoder-{step:06d}",
+                     {"teacher": self.identity, "encoder_step": step, "distill": self.config.to_dict()})
 
     # decoder stage
 
@@ -490,7 +510,7 @@ class Run:
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         img_size = ctx["student_cfg"].encoder.img_size
-        data = StageData(self.samples, "decoder", cfg, img_size, [], ctx["cache"])
+        data = StageData(self.samples, "decoder", cfg, img_size, [], ctx["features"])
         loader = (stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
         features: TeacherFeatures = ctx["features"]
         teacher = self.teacher

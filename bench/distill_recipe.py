@@ -1,0 +1,229 @@
+"""The distillation recipe on one GPU: fidelity to the teacher vs steps and minutes, on images the run never saw;
+and the encoder stage's images/s with a big teacher.
+
+    python bench/distill_recipe.py --out OUT --data COCO_TINY [--phases recipe,throughput] [flags]
+
+recipe: ``lightening_t`` from ``random:vit_b`` on coco_tiny train + val minus the first ``--holdout`` val images
+(held out). A short probe run measures images/s, which sets the step count that fills ``--budget-min``; the
+run saves a student snapshot every ``steps / --snapshots`` steps, and each snapshot's mask IoU to the teacher
+(box and one-point prompts) and embedding cosine on the held-out images are measured afterwards.
+throughput: ``random:vit_h`` teacher, the whole encoder stage per step (loader, teacher features, student
+forward and backward): teacher features kept on the GPU (the first epoch runs the teacher), and from a
+warm disk cache with nothing kept on the GPU.
+
+Results: OUT/distill_recipe.json (rewritten after every phase) and OUT/distill_recipe_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.phases import PhasedRun  # noqa: E402
+
+TARGETS = {"box_iou": 0.93, "point_iou": 0.85, "cosine": 0.97}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="coco_tiny root: annotations/, train2017/, val2017/")
+    p.add_argument("--work", default="runs/distill_recipe", help="scratch (git-ignored; kept on a warm machine)")
+    p.add_argument("--phases", default="recipe,throughput")
+    p.add_argument("--teacher", default="random:vit_b")
+    p.add_argument("--big-teacher", default="random:vit_h")
+    p.add_argument("--student", default="lightening_t")
+    p.add_argument("--holdout", type=int, default=20, help="first N val images: never trained on, measured on")
+    p.add_argument("--budget-min", type=float, default=7.0, help="training minutes the step count is set to fill")
+    p.add_argument("--steps", type=int, help="fixed step count instead of the budget")
+    p.add_argument("--probe-steps", type=int, default=40)
+    p.add_argument("--snapshots", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--augment", type=float, default=0.5)
+    p.add_argument("--neck-weight", type=float, default=1.0)
+    p.add_argument("--layer-sigma", type=float, default=0.25)
+    p.add_argument("--num-workers", type=int, default=12)
+    p.add_argument("--throughput-steps", type=int, default=40)
+    return p.parse_args(argv)
+
+
+def median_rate(records: list[dict], skip: int) -> float:
+    timed = records[skip:] or records
+    return statistics.median(r["images_per_s"] for r in timed)
+
+
+class Recipe(PhasedRun):
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args = args
+        self.out, self.work = Path(args.out), Path(args.work)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        super().__init__(self.out / "distill_recipe.json", {
+            "args": vars(args), "device": device, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "targets": TARGETS})
+
+    def data(self):
+        from samlight.distill import coco_dataset
+
+        root = Path(self.args.data) / "annotations"
+        val = coco_dataset(root / "instances_val2017.json")
+        train = coco_dataset(root / "instances_train2017.json") + val[self.args.holdout:]
+        return train, val[: self.args.holdout]
+
+    def config(self, name: str, steps: int, **changes):
+        from samlight.distill import FineTuneConfig
+
+        out = self.work / name
+        shutil.rmtree(out, ignore_errors=True)
+        a = self.args
+        settings = dict(out_dir=str(out), encoder_steps=steps, decoder_steps=0, batch_size=a.batch_size, lr=a.lr,
+                        augment=a.augment, neck_weight=a.neck_weight, layer_sigma=a.layer_sigma,
+                        num_workers=a.num_workers, checkpoint_every=max(50, steps // 10), progress=False)
+        settings.update(changes)
+        return FineTuneConfig(**settings)
+
+    @staticmethod
+    def records(config) -> list[dict]:
+        return [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+    def phase_recipe(self) -> None:
+        from samlight.checkpoints import load_student
+        from samlight.distill import fine_tune
+        from samlight.eval import fidelity
+        from samlight.models import ModelSpec
+        from samlight.modeling import build_student, seeded, student_config
+        from samlight.modeling.build import init_decoder_from
+        from samlight.predictor import Predictor
+
+        a = self.args
+        train, held = self.data()
+        spec = ModelSpec.parse(a.teacher)
+        teacher = spec.load()
+        result = {"teacher": a.teacher, "student": a.student, "train_images": len(train), "held_out_images": len(held)}
+        self.results["recipe"] = result
+        steps = a.steps
+        if steps is None:
+            probe = self.config("probe", a.probe_steps)
+            fine_tune(a.student, spec, train, probe, teacher=teacher)
+            rate = median_rate(self.records(probe), skip=5)
+            steps = max(a.snapshots, int(a.budget_min * 60 * rate / a.batch_size))
+            result["probe_images_per_s"] = rate
+        result["steps"] = steps
+        self.save()
+        run = self.config("run", steps, snapshot_every=max(1, steps // a.snapshots))
+        started = time.time()
+        fine_tune(a.student, spec, train, run, teacher=teacher)
+        result["run_minutes"] = (time.time() - started) / 60
+        records = self.records(run)
+        result["median_images_per_s"] = median_rate(records, skip=5)
+        result["loss_first_last"] = [records[0]["loss"], records[-1]["loss"]]
+        self.save()
+
+        # the curve: step 0 is the undistilled student (seeded init, decoder copied from the teacher)
+        initial = seeded(run.seed, build_student, student_config(a.student))
+        init_decoder_from(initial, teacher)
+        snapshots = [(0, 0.0, initial)]
+        at = {r["step"] + 1: r["time"] for r in records}
+        for path in sorted((Path(run.out_dir) / "snapshots").iterdir()):
+            step = int(path.name.split("-")[1])
+            snapshots.append((step, (at[step] - started) / 60, load_student(path).model))
+        teacher_predictor = Predictor(teacher)
+        curve = []
+        for step, minutes, model in snapshots:
+            point = {"step": step, "minutes": round(minutes, 3)}
+            for prompt in ("box", "point"):
+                f = fidelity(model, teacher, held, prompt=prompt, teacher_predictor=teacher_predictor)
+                point[f"{prompt}_iou"] = f["mask_iou"]
+                point["cosine"], point["rel_mse"], point["prompts_" + prompt] = (
+                    f["embedding_cosine"], f["embedding_rel_mse"], f["prompts"])
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+        result["curve"] = curve
+        final = curve[-1]
+        result["targets_met"] = {name: final[name] >= target for name, target in TARGETS.items()}
+        first = {name: next((p["minutes"] for p in curve if p[name] >= target), None) for name, target in TARGETS.items()}
+        result["minutes_to_target"] = first
+        self.save()
+        self.plot(curve)
+
+    def plot(self, curve: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, x, label in ((axes[0], "step", "step"), (axes[1], "minutes", "minutes of one GPU")):
+            for name, colour in (("box_iou", "tab:blue"), ("point_iou", "tab:orange"), ("cosine", "tab:green")):
+                ax.plot([p[x] for p in curve], [p[name] for p in curve], "o-", color=colour, label=name)
+                ax.axhline(TARGETS[name], color=colour, linestyle=":", linewidth=1)
+            ax.set_xlabel(label)
+            ax.set_ylim(0.4, 1.0)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("fidelity to the teacher (held-out images)")
+        axes[0].legend(loc="lower right")
+        fig.suptitle(f"{self.args.student} from {self.args.teacher} on {self.results['device']} "
+                     f"(dotted: targets)")
+        fig.tight_layout()
+        fig.savefig(self.out / "distill_recipe_curve.png", dpi=110)
+        plt.close(fig)
+
+    def phase_throughput(self) -> None:
+        from samlight.distill import fine_tune
+        from samlight.models import ModelSpec
+
+        a = self.args
+        train, _ = self.data()
+        train = train[:80]
+        spec = ModelSpec.parse(a.big_teacher)
+        teacher = spec.load()
+        epoch = -(-len(train) // a.batch_size)
+        steps = max(a.throughput_steps, 2 * epoch + 5)  # past the first epoch, which the teacher pays for
+        out = {"teacher": a.big_teacher, "student": a.student, "batch_size": a.batch_size, "images": len(train)}
+        self.results["throughput"] = out
+        cache = self.work / "cache_vit_h"
+        shutil.rmtree(cache, ignore_errors=True)
+        runs = {
+            # the teacher runs in the first epoch, its features stay on the GPU
+            "resident": self.config("vit_h_resident", steps, augment=0.0, resident_features_gb=16),
+            # writes the disk cache (teacher every step of one epoch), then read from it with nothing kept on the GPU
+            "disk_cold": self.config("vit_h_cold", epoch, augment=0.0, cache_dir=str(cache), resident_features_gb=0),
+            "disk_warm": self.config("vit_h_warm", steps, augment=0.0, cache_dir=str(cache),
+                                     resident_features_gb=0),
+        }
+        for name, config in runs.items():
+            started = time.time()
+            fine_tune(a.student, spec, train, config, teacher=teacher)
+            records = self.records(config)
+            after_first_epoch = records[epoch + 1:] if name != "disk_cold" else records[1:]
+            out[name] = {
+                "steps": len(records), "wall_s": round(time.time() - started, 1),
+                "teacher_images": records[-1]["teacher_images"],
+                "images_per_s_first_epoch": statistics.median(r["images_per_s"] for r in records[1:epoch] or records),
+                "images_per_s_after_first_epoch": statistics.median(r["images_per_s"] for r in after_first_epoch),
+            }
+            print(name, json.dumps(out[name]), flush=True)
+            self.save()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    recipe = Recipe(args)
+    status = recipe.run_phases(args.phases)
+    print(json.dumps({k: recipe.results.get(k) for k in ("recipe", "throughput", "errors")}, indent=2, default=str))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
