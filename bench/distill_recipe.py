@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", type=float, default=0.5)
     p.add_argument("--neck-weight", type=float, default=1.0)
     p.add_argument("--layer-sigma", type=float, default=0.25)
+    p.add_argument("--decoder-steps", type=int, default=400,
+                   help="then the decoder learns the teacher's masks from the student's embeddings")
+    p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--num-workers", type=int, default=12)
     p.add_argument("--throughput-steps", type=int, default=40)
     return p.parse_args(argv)
@@ -121,12 +124,15 @@ class Recipe(PhasedRun):
             result["probe_images_per_s"] = rate
         result["steps"] = steps
         self.save()
-        run = self.config("run", steps, snapshot_every=max(1, steps // a.snapshots))
+        run = self.config("run", steps, snapshot_every=max(1, steps // a.snapshots), decoder_steps=a.decoder_steps,
+                          decoder_lr=a.decoder_lr, teacher_loss_weight=1.0, gt_loss_weight=0.0, iou_loss_weight=0.0)
         started = time.time()
         fine_tune(a.student, spec, train, run, teacher=teacher)
         result["run_minutes"] = (time.time() - started) / 60
         records = self.records(run)
-        result["median_images_per_s"] = median_rate(records, skip=5)
+        encoder = [r for r in records if r["stage"] == "encoder"]
+        result["median_images_per_s"] = median_rate(encoder, skip=5)
+        result["median_data_wait_s"] = statistics.median(r["data_wait_s"] for r in encoder)
         result["loss_first_last"] = [records[0]["loss"], records[-1]["loss"]]
         self.save()
 
@@ -134,10 +140,13 @@ class Recipe(PhasedRun):
         initial = seeded(run.seed, build_student, student_config(a.student))
         init_decoder_from(initial, teacher)
         snapshots = [(0, 0.0, initial)]
-        at = {r["step"] + 1: r["time"] for r in records}
+        at = {r["step"] + 1: r["time"] for r in records if r["stage"] == "encoder"}
         for path in sorted((Path(run.out_dir) / "snapshots").iterdir()):
             step = int(path.name.split("-")[1])
             snapshots.append((step, (at[step] - started) / 60, load_student(path).model))
+        if a.decoder_steps:  # the finished student: encoder steps, then decoder alignment
+            snapshots.append((steps + a.decoder_steps, result["run_minutes"],
+                              load_student(Path(run.out_dir) / "student").model))
         teacher_predictor = Predictor(teacher)
         curve = []
         for step, minutes, model in snapshots:
@@ -169,9 +178,11 @@ class Recipe(PhasedRun):
                 ax.plot([p[x] for p in curve], [p[name] for p in curve], "o-", color=colour, label=name)
                 ax.axhline(TARGETS[name], color=colour, linestyle=":", linewidth=1)
             ax.set_xlabel(label)
-            ax.set_ylim(0.4, 1.0)
+            ax.set_ylim(0.0, 1.0)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("fidelity to the teacher (held-out images)")
+        if self.args.decoder_steps:
+            axes[0].set_title(f"last point: after {self.args.decoder_steps} decoder-alignment steps", fontsize=9)
         axes[0].legend(loc="lower right")
         fig.suptitle(f"{self.args.student} from {self.args.teacher} on {self.results['device']} "
                      f"(dotted: targets)")

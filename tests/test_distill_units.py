@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -133,14 +134,22 @@ def test_cli_errors(tmp_path, coco_tiny, capsys):
     assert main(["distill", "--teacher", "random:nope", "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
 
 
-def test_random_views_flip_crop_and_recolour_within_bounds():
-    from samlight.distill.augment import MIN_CROP, random_view
+def test_random_views_crop_flip_and_recolour_within_bounds():
+    from samlight.distill.augment import MIN_CROP, apply_view, sample_view
 
-    image = np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)
-    views = [random_view(image, np.random.default_rng(seed)) for seed in range(20)]
+    image = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    prepared = prepare_image(image, 256)  # valid region 154 x 256
+    views = [sample_view(prepared.input_size, np.random.default_rng(seed)) for seed in range(20)]
+    assert len({(v.height, v.width) for v in views}) > 10 and {v.flip for v in views} == {True, False}
     for view in views:
-        assert view.dtype == np.uint8 and view.ndim == 3
-        assert MIN_CROP * 120 - 1 <= view.shape[0] <= 120 and MIN_CROP * 200 - 1 <= view.shape[1] <= 200
-    assert len({v.shape for v in views}) > 10  # crops differ
-    again = random_view(image, np.random.default_rng(3))
-    assert np.array_equal(again, views[3])  # a view is a function of its generator's seed
+        assert MIN_CROP * 154 - 1 <= view.height <= 154 and MIN_CROP * 256 - 1 <= view.width <= 256
+        assert view.top + view.height <= 154 and view.left + view.width <= 256
+        pixels, size = apply_view(prepared.pixels, view)
+        assert pixels.shape == (3, 256, 256) and max(size) == 256
+        assert pixels.min() >= 0 and pixels.max() <= 255
+        assert not pixels[:, size[0]:, :].any() and not pixels[:, :, size[1]:].any()  # zero padded as SAM does
+    assert sample_view(prepared.input_size, np.random.default_rng(3)) == views[3]  # a function of the seed
+    whole = dataclasses.replace(views[0], top=0, left=0, height=154, width=256, flip=True, contrast=1.0, brightness=0.0)
+    flipped, size = apply_view(prepared.pixels, whole)
+    assert size == (154, 256)
+    assert torch.allclose(flipped[:, :154, :256], prepared.pixels[:, :154, :256].float().flip(-1), atol=1e-3)

@@ -29,8 +29,8 @@ from samlight.checkpoints import load_student, save_student
 from samlight.models import ModelSpec
 from samlight.distill import distributed
 from samlight.distill.config import FineTuneConfig
-from samlight.distill.augment import random_view
-from samlight.distill.data import TrainingSample, masks_to_low_res, normalize, prepare_image
+from samlight.distill.augment import apply_view, sample_view
+from samlight.distill.data import PreparedImage, TrainingSample, masks_to_low_res, normalize, prepare_image
 from samlight.distill.feature_cache import TeacherFeatureCache
 from samlight.distill.loader import ThreadLoader
 from samlight.distill.losses import dice_loss, mask_iou, relative_mse, sigmoid_focal_loss
@@ -50,6 +50,7 @@ SNAPSHOT_DIR = "snapshots"
 STAGES = ("encoder", "decoder")
 STAGE_SEED = {"encoder": 1, "decoder": 2}
 STUDENT_EMBEDDINGS_KEPT = 256
+PREPARED_KEPT_BYTES = 1 << 30  # prepared images the data loader keeps in memory (3 MB each at 1024 px)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -152,25 +153,37 @@ class StageData:
         self.blocks = blocks
         self.features = features
         self.perms: dict = {}
+        self._kept: dict[int, tuple[PreparedImage, str]] = {}
 
     def __getitem__(self, position: int) -> dict:
         index = sample_index(position, len(self.samples), self.config.seed, self.stage, self.perms)
         sample = self.samples[index]
-        image = sample.load_image()
-        key = sample.content_key(image)
+        prepared, key = self._prepared(index)
+        item = {"pixels": prepared.pixels, "input_size": prepared.input_size, "key": key, "index": index, "view": None}
         if self.stage == "encoder" and self.config.augment > 0:
             rng = np.random.default_rng([self.config.seed, STAGE_SEED["encoder"], position, 11])
-            if rng.random() < self.config.augment:
-                image, key = random_view(image, rng), None  # a view of its own: features computed on the fly
-        prepared = prepare_image(image, self.img_size)
-        item = {"pixels": prepared.pixels, "input_size": prepared.input_size, "key": key, "index": index}
-        resident = self.features.is_resident(key, self.blocks)
-        item["features"] = None if resident else self.features.lookup(key, self.img_size, self.blocks)
+            if rng.random() < self.config.augment:  # a view of its own: features computed on the fly
+                item["view"], item["key"] = sample_view(prepared.input_size, rng), None
+        resident = self.features.is_resident(item["key"], self.blocks)
+        item["features"] = None if resident else self.features.lookup(item["key"], self.img_size, self.blocks)
         if self.stage == "decoder":
-            item["prompts"] = self._prompts(sample, image, prepared, position)
+            item["prompts"] = self._prompts(sample, prepared, position)
         return item
 
-    def _prompts(self, sample: TrainingSample, image: np.ndarray, prepared, position: int) -> dict:
+    def _prepared(self, index: int) -> tuple[PreparedImage, str]:
+        """An image resized and padded for the model, and its content key; the first PREPARED_KEPT_BYTES of them are
+        kept (later epochs then neither decode nor resize them)."""
+        kept = self._kept.get(index)
+        if kept is not None:
+            return kept
+        sample = self.samples[index]
+        image = sample.load_image()
+        kept = (prepare_image(image, self.img_size), sample.content_key(image))
+        if (len(self._kept) + 1) * kept[0].pixels.numel() <= PREPARED_KEPT_BYTES:
+            self._kept[index] = kept
+        return kept
+
+    def _prompts(self, sample: TrainingSample, prepared: PreparedImage, position: int) -> dict:
         rng = np.random.default_rng([self.config.seed, STAGE_SEED["decoder"], position, 7])
         masks = sample.load_masks()
         size = prepared.original_size
@@ -427,10 +440,12 @@ class Run:
                 group["lr"] = lr
             sums = {"loss": 0.0, "neck": 0.0, "layers": [0.0] * len(blocks)}
             hits = images = 0
+            data_s = 0.0
             for micro in range(cfg.grad_accum):
+                waited = time.perf_counter()
                 items = next(loader)
-                pixels = torch.stack([it["pixels"] for it in items]).to(self.device, non_blocking=True)
-                x = normalize(pixels, [it["input_size"] for it in items])
+                data_s += time.perf_counter() - waited
+                x = self._encoder_inputs(items)
                 t_neck, t_blocks = features.fetch([it["key"] for it in items], x, img_size, blocks,
                                                   [it["features"] for it in items])
                 hits += sum(it["features"] is not None for it in items)
@@ -457,7 +472,7 @@ class Run:
                 "layer_weights": [round(w, 6) for w in weights], "lr": lr, "grad_norm": float(grad_norm),
                 "images_per_s": images * env.world_size / elapsed, "cache_hits": hits * env.world_size,
                 "images": images * env.world_size, "teacher_images": features.teacher_images,
-                "time": time.time(),
+                "data_wait_s": data_s, "time": time.time(),
             }
             if env.is_main:
                 self.metrics.write(record)
@@ -473,6 +488,17 @@ class Run:
                 else:
                     self._save_state("encoder", step + 1, optimizer)
         bar.close()
+
+    def _encoder_inputs(self, items: list[dict]) -> torch.Tensor:
+        """Normalised model inputs of a batch, each augmented item replaced by its view (made on the device)."""
+        pixels, sizes = [], []
+        for it in items:
+            p, size = it["pixels"].to(self.device, non_blocking=True), it["input_size"]
+            if it["view"] is not None:
+                p, size = apply_view(p, it["view"])
+            pixels.append(p.float())
+            sizes.append(size)
+        return normalize(torch.stack(pixels), sizes)
 
     def _snapshot(self, step: int) -> None:
         """The student as it is after ``step`` encoder steps: for fidelity-vs-steps curves."""
@@ -553,7 +579,7 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             record = {"stage": "decoder", "step": step, "lr": lr, "images_per_s": images * env.world_size / elapsed,
-                      "unfrozen_blocks": unfreeze}
+                      "unfrozen_blocks": unfreeze, "time": time.time()}
             record.update({k: env.all_reduce_mean(v) for k, v in sums.items()})
             if env.is_main:
                 self.metrics.write(record)
@@ -583,10 +609,12 @@ class Run:
         cfg = self.config
         groups = [g for p in prompts for g in (p["box"], p["point"]) if g is not None]
         teacher_terms, gt_terms, iou_terms, gt_ious = [], [], [], []
-        for (low, iou), (t_low, _), group in zip(outputs, targets, groups):
+        for (low, iou), (t_low, t_iou), group in zip(outputs, targets, groups):
             low, iou = low.float(), iou.float()
             soft = torch.sigmoid(t_low.float())
-            teacher_terms.append(F.binary_cross_entropy_with_logits(low, soft, reduction="none").mean(dim=(1, 2, 3)))
+            # the teacher's masks and its IoU predictions (which pick the mask a click shows)
+            teacher_terms.append(F.binary_cross_entropy_with_logits(low, soft, reduction="none").mean(dim=(1, 2, 3))
+                                 + F.mse_loss(iou, t_iou.float(), reduction="none").mean(dim=1))
             has = group["has_gt"]
             if has.any():
                 target = group["target"][has][:, None].expand_as(low[has])
