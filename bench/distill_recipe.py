@@ -3,6 +3,7 @@ and the encoder stage's images/s with a big teacher.
 
     python bench/distill_recipe.py --out OUT --data COCO_TINY [--phases recipe,throughput] [flags]
 
+profile: the recipe's encoder steps under the torch profiler (OUT/distill_profile.txt).
 recipe: ``lightening_t`` from ``random:vit_b`` on coco_tiny train + val minus the first ``--holdout`` val images
 (held out). A short probe run measures images/s, which sets the step count that fills ``--budget-min``; the
 run saves a student snapshot every ``steps / --snapshots`` steps, and each snapshot's mask IoU to the teacher
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--num-workers", type=int, default=12)
     p.add_argument("--throughput-steps", type=int, default=40)
+    p.add_argument("--profile-steps", type=int, default=24)
     return p.parse_args(argv)
 
 
@@ -148,7 +150,7 @@ class Recipe(PhasedRun):
             snapshots.append((steps + a.decoder_steps, result["run_minutes"],
                               load_student(Path(run.out_dir) / "student").model))
         teacher_predictor = Predictor(teacher)
-        curve = []
+        curve = result["curve"] = []  # saved point by point: a run cut short keeps what it measured
         for step, minutes, model in snapshots:
             point = {"step": step, "minutes": round(minutes, 3)}
             for prompt in ("box", "point"):
@@ -157,8 +159,8 @@ class Recipe(PhasedRun):
                 point["cosine"], point["rel_mse"], point["prompts_" + prompt] = (
                     f["embedding_cosine"], f["embedding_rel_mse"], f["prompts"])
             curve.append(point)
+            self.save()
             print(json.dumps(point), flush=True)
-        result["curve"] = curve
         final = curve[-1]
         result["targets_met"] = {name: final[name] >= target for name, target in TARGETS.items()}
         first = {name: next((p["minutes"] for p in curve if p[name] >= target), None) for name, target in TARGETS.items()}
@@ -189,6 +191,37 @@ class Recipe(PhasedRun):
         fig.tight_layout()
         fig.savefig(self.out / "distill_recipe_curve.png", dpi=110)
         plt.close(fig)
+
+    def phase_profile(self) -> None:
+        """Where an encoder step's time goes: the recipe's settings for ``--profile-steps`` steps under the torch
+        profiler (the first epoch, which runs the teacher on every image, included), the top kernels and ops by
+        GPU time in OUT/distill_profile.txt, the loader's wait per step in the results."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from samlight.distill import fine_tune
+        from samlight.models import ModelSpec
+
+        a = self.args
+        train, _ = self.data()
+        spec = ModelSpec.parse(a.teacher)
+        teacher = spec.load()
+        config = self.config("profile", a.profile_steps)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            fine_tune(a.student, spec, train, config, teacher=teacher)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        (self.out / "distill_profile.txt").write_text(table)
+        print(table[:6000], flush=True)
+        records = self.records(config)
+        self.results["profile"] = {
+            "steps": len(records),
+            "step_s": [round(r["images"] / r["images_per_s"], 4) for r in records],
+            "data_wait_s": [round(r["data_wait_s"], 4) for r in records],
+            "teacher_images": records[-1]["teacher_images"],
+        }
+        self.save()
 
     def phase_throughput(self) -> None:
         from samlight.distill import fine_tune
