@@ -20,6 +20,7 @@ from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samlight.embedding_cache import EmbeddingCache, ImageEmbedding
+from samlight.factored_decoder import FactoredMaskDecoder
 from samlight.graphed_decoder import CompiledBulkDecoder, GraphedPromptDecoder
 from samlight.encoder_wrappers import CompiledEncoder, GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
@@ -107,6 +108,8 @@ class Predictor:
             encoder = CompiledEncoder(encoder)
         self.encoder = encoder
         self.graphed_decoder = GraphedPromptDecoder(model, autocast=self.autocast) if fast and on_cuda else None
+        # on the CPU a click is compute-bound: the factored decoder does 2.5x less work for the same masks
+        self.click_decoder = FactoredMaskDecoder(model) if not on_cuda else None
         # large prompt batches (automatic masks): compiled on first use, tens of seconds once per process
         self._bulk_decoder: CompiledBulkDecoder | None = None
         self._bulk_dtype = torch.bfloat16 if on_cuda else torch.float32  # CPUs without AVX512-BF16: fp32
@@ -270,6 +273,12 @@ class Predictor:
             mask_arg = mask_arg[:, None]
         if self.graphed_decoder is not None:
             low_res, iou = self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output, mask_arg)
+        elif self.click_decoder is not None:
+            sparse, dense = self.model.prompt_encoder(
+                points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg
+            )
+            low_res, iou = self.click_decoder(embedding.features, sparse, dense if mask_arg is not None else None,
+                                              multimask_output)
         else:
             with self._precision():
                 sparse, dense = self.model.prompt_encoder(

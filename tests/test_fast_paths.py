@@ -188,3 +188,49 @@ def test_compiled_grid_decoder_equals_the_eager_decoder_on_cpu(test_student, coc
     eager_low, eager_iou = predictor.decode(embedding, points, np.ones((len(points), 1), dtype=np.int64))
     assert torch.allclose(low_res, eager_low, atol=1e-3) and torch.allclose(iou, eager_iou, atol=1e-4)
     assert torch.allclose(stability, calculate_stability_score(eager_low, 0.0, 1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("prompt", ["point", "points", "box", "boxes", "point and mask"])
+def test_factored_click_decoder_equals_sams(test_student, coco_val_images, prompt):
+    """The CPU click path (attention through the projections' factors, the first layer's image side kept per
+    image, the upscaling in blocked pixel order) gives SAM's logits and IoUs on a COCO photo, every click."""
+    import numpy as np
+
+    from samlight.factored_decoder import FactoredMaskDecoder
+    from samlight.image_io import load_image
+    from samlight.predictor import Predictor
+
+    model = copy.deepcopy(test_student).eval()
+    predictor = Predictor(model, device="cpu")
+    image = load_image(coco_val_images[1])
+    features = predictor.embed(image).features
+    size = model.image_encoder.img_size
+    g = torch.Generator().manual_seed(4)
+    coords = labels = boxes = masks = None
+    if prompt.startswith("point"):
+        count = 3 if prompt == "points" else 1
+        coords, labels = torch.rand(1, count, 2, generator=g) * size, torch.tensor([[1, 0, 1][:count]])
+    if prompt == "box":
+        boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9]]) * size
+    if prompt == "boxes":
+        boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.0, 0.0, 0.3, 0.3], [0.5, 0.4, 1.0, 1.0]]) * size
+    if prompt == "point and mask":
+        masks = torch.randn(1, 1, *model.prompt_encoder.mask_input_size, generator=g) * 4
+    decoder = FactoredMaskDecoder(model)
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(points=(coords, labels) if coords is not None else None, boxes=boxes,
+                                             masks=masks)
+        for multimask in (True, False):
+            expected = model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=multimask)
+            for repeat in range(2):  # the second click on the image reuses its context
+                actual = decoder(features, sparse, dense if masks is not None else None, multimask)
+                for a, e in zip(actual, expected):  # random weights: logits of about +-0.3
+                    assert a.shape == e.shape and torch.allclose(a, e, atol=1e-5), (a - e).abs().max()
+    assert len(decoder._contexts) == (0 if masks is not None else 1)
+    # and the predictor's CPU clicks go through it
+    assert predictor.click_decoder is not None
+    point = np.array([[image.shape[1] / 2, image.shape[0] / 2]])
+    low_res, _ = predictor.decode(predictor.embed(image), point[None], np.array([[1]]))
+    assert len(predictor.click_decoder._contexts) == 1 and low_res.shape[-1] == 4 * features.shape[-1]
