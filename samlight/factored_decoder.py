@@ -126,6 +126,7 @@ class FactoredMaskDecoder(nn.Module):
                 self._contexts.popitem(last=False)
         return context
 
+    @torch.inference_mode()
     def forward(self, features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor | None,
                 multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``features`` (1, C, H, W); ``sparse`` (K, S, C) prompt embeddings; ``dense`` (K, C, H, W) mask-input

@@ -69,10 +69,16 @@ def test_weights_init_info_verify(tmp_path):
 def test_bench_on_cpu_prints_table_and_writes_json(tmp_path):
     path = tmp_path / "bench.json"
     result = samlight("bench", "--models", "lightening_test", "--no-peers", "--repeats", "2", "--json", str(path))
-    assert "lightening_test" in result.stdout and "latency ms" in result.stdout
+    assert "lightening_test" in result.stdout and "eager ms" in result.stdout and "best ms" in result.stdout
     payload = json.loads(path.read_text())
     row = payload["results"][0]
-    assert payload["device"] and payload["date"] and row["latency_ms"] > 0 and row["params_m"] > 0
+    assert payload["device"] and payload["date"] and row["params_m"] > 0
+    # every model in eager and compiled form on the CPU; the best of them is the reported latency, with its mode
+    assert payload["modes"] == ["eager", "compile"] and row["eager_ms"] > 0 and row["compile_ms"] > 0
+    assert row["latency_ms"] == min(row["eager_ms"], row["compile_ms"])
+    assert row["mode"] == ("eager" if row["latency_ms"] == row["eager_ms"] else "compile")
+    # the click on the serving path next to SAM's own decoder
+    assert row["prompt_to_mask_host_ms"] > 0 and row["prompt_to_mask_sam_ms"] > 0
 
 
 @pytest.mark.slow
