@@ -8,8 +8,11 @@ equally and cancels) leaves products of the image tokens with 8·T vectors: 2.3�
 attention. With the cached embedding, the first layer's image-side projections are the same for every click on
 the image (no mask input): they are computed once per image (``image_context``) and reused.
 
-On two CPU cores this takes a click from 62 to about 12 ms (``bench/click_cpu.py``); the values are SAM's up to
-float rounding (``tests/test_fast_paths.py``).
+The upscaling, two 2×2 stride-2 transposed convolutions, maps each pixel to its own 2×2 block: it runs as two
+GEMMs whose outputs stay in that blocked order, and only the final masks (a few 256² maps, not 32 channels of
+them) are gathered into image order. On two AVX2 CPU cores a box click's decoder takes about 22 ms instead of
+SAM's 60 (``samlight bench --device cpu --threads 2``); the values are SAM's up to float rounding
+(``tests/test_fast_paths.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class ImageContext:
 
 class FactoredMaskDecoder(nn.Module):
     """Prompt embeddings -> SAM's low-res masks and predicted IoUs, for a few prompts on one image (a click, a
-    few rectangles); same weights as ``sam``'s, float32. Keeps the contexts of the last ``images`` images."""
+    few rectangles); ``sam``'s weights (the upscaling's copied in GEMM form: build a new decoder after changing
+    them), float32. Keeps the contexts of the last ``images`` images."""
 
     def __init__(self, sam: Sam, images: int = 4) -> None:
         super().__init__()
@@ -116,10 +120,9 @@ class FactoredMaskDecoder(nn.Module):
         keys = features.flatten(2).transpose(1, 2) + no_mask
         with_pos = keys + self.pos
         to_image, to_tokens = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        by_head = lambda x, heads: x[0].view(x.shape[1], heads, -1).permute(1, 2, 0).contiguous()  # noqa: E731
-        context = ImageContext(keys, by_head(to_image.k_proj(with_pos), to_image.num_heads),
-                               by_head(to_image.v_proj(keys), to_image.num_heads).transpose(1, 2).contiguous(),
-                               by_head(to_tokens.q_proj(with_pos), to_tokens.num_heads))
+        context = ImageContext(keys, _by_head(to_image.k_proj(with_pos), to_image.num_heads),
+                               _by_head(to_image.v_proj(keys), to_image.num_heads).transpose(1, 2).contiguous(),
+                               _by_head(to_tokens.q_proj(with_pos), to_tokens.num_heads))
         with self._lock:
             self._contexts[id(features)] = (weakref.ref(features), context)
             while len(self._contexts) > self.images:
@@ -181,6 +184,11 @@ class FactoredMaskDecoder(nn.Module):
             blocked = torch.arange(16 * side * side, device=device).view(side, side, 2, 2, 2, 2)
             self._order = blocked.permute(0, 2, 4, 1, 3, 5).reshape(-1)
         return self._order
+
+
+def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(1, N, heads·d) projections of one image -> (heads, d, N)."""
+    return x[0].view(x.shape[1], heads, -1).permute(1, 2, 0).contiguous()
 
 
 def _attend_projected(attention: nn.Module, q_tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

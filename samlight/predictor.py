@@ -25,7 +25,7 @@ from samlight.graphed_decoder import CompiledBulkDecoder, GraphedPromptDecoder
 from samlight.encoder_wrappers import CompiledEncoder, GraphedEncoder
 from samlight.image_io import load_image, to_rgb_array
 from samlight.modeling import LighteningEncoder
-from samlight.modeling.int8_linear import int8_encoder
+from samlight.modeling.int8_linear import companion_dtype, int8_encoder
 
 ImageLike = "np.ndarray | Image.Image | str | os.PathLike"
 ENCODER_PRECISIONS = ("fp32", "bf16", "int8")
@@ -78,7 +78,8 @@ class Predictor:
         """``autocast``: bf16 autocast for the decoder (default on CUDA). ``fast``: CUDA graphs for encoder
         and decoder (default on CUDA). ``encoder_precision``: ``fp32``, ``bf16`` or ``int8`` (default bf16
         on CUDA, fp32 on CPU). bf16 also pays on CPUs with AVX512-BF16 or AMX; ``int8`` (CPU only, a
-        SAM-Lightening encoder) runs the blocks' linears as int8 GEMMs and the rest in bf16, with a small
+        SAM-Lightening encoder) runs the blocks' linears as int8 GEMMs and the rest in bf16 (float32 where the
+        CPU has no native bf16), with a small
         accuracy cost (``samlight eval --precision`` measures it on a checkpoint). ``compile_encoder``: on
         the CPU, ``torch.compile`` the encoder (it fuses bias, GELU, residual adds and int8 quantization
         into the GEMMs; the first embedding pays tens of seconds of compilation). Default: only for int8,
@@ -101,7 +102,8 @@ class Predictor:
                 raise ValueError("int8 encoder precision is for SAM-Lightening encoders on the CPU")
             encoder = int8_encoder(encoder)  # a copy: the model keeps its float weights
         if graphable and (fast or precision != "fp32"):
-            encoder = GraphedEncoder(encoder, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": companion_dtype()}[precision]
+            encoder = GraphedEncoder(encoder, dtype=dtype)
         if compile_encoder is None:
             compile_encoder = precision == "int8"
         if compile_encoder and not on_cuda:  # on CUDA the encoder's graph already removes the overheads

@@ -12,7 +12,7 @@ from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 from samlight.image_io import load_image
-from samlight.modeling.int8_linear import Int8Linear, available, int8_encoder
+from samlight.modeling.int8_linear import Int8Linear, available, companion_dtype, int8_encoder
 from samlight.predictor import Predictor
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs oneDNN's int8 GEMM (x86 CPU torch)")
@@ -83,6 +83,10 @@ def test_int8_predictor_stays_close_to_float32(test_student, coco_val_images, co
     a, b = exact.embed(image), int8.embed(image)
     if compiled:  # compiled indeed, not the eager fallback
         assert int8.encoder.error is None, int8.encoder.error
+    # around the int8 GEMMs: bf16 only where the CPU runs it natively (emulated, it takes seconds per layer)
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert companion_dtype() == expected
+    assert {p.dtype for p in int8.encoder.parameters()} == {expected}
     assert b.features.dtype == torch.float32 and b.features.shape == a.features.shape
     assert relative_error(b.features, a.features) < 0.03
     assert F.cosine_similarity(a.features.flatten(), b.features.flatten(), dim=0) > 0.999

@@ -214,3 +214,50 @@ def test_embedded_loop_from_a_teacher_only_start(tmp_path, coco_tiny):
     finally:
         backend.stop()
         images.close()
+
+
+def test_embedded_runs_never_overlap_and_a_killed_run_resumes(tmp_path, coco_tiny):
+    """The embedded training process: while another run holds the lock a second one reports busy and trains
+    nothing; a run killed with SIGKILL after a checkpoint is resumed from it by the next run, which publishes
+    the student."""
+    import torch
+
+    from serving.corrections import FileCorrectionSink
+    from serving.local_training import exclusive
+
+    images = FileServer(coco_tiny / "train2017")
+    model_dir = tmp_path / "models"
+    env = worker_env(model_dir, SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
+                     SAMLIGHT_TRAIN_ENCODER_STEPS=400, SAMLIGHT_TRAIN_DECODER_STEPS=2, SAMLIGHT_TRAIN_BATCH=2,
+                     SAMLIGHT_HOLDOUT_FRACTION=0.25, SAMLIGHT_GATE_TEACHER_BOX_IOU=0,
+                     SAMLIGHT_GATE_TEACHER_POINT_IOU=0)
+    command = [sys.executable, "-m", "serving.local_training", "--reason", "test"]
+    sink = FileCorrectionSink(model_dir / "corrections")
+    try:
+        for event in coco_corrections(coco_tiny, images, 5):
+            sink.record(event)
+        with exclusive(model_dir / "training" / "lock") as mine:
+            assert mine
+            busy = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(busy.stdout.strip().splitlines()[-1])["status"] == "busy", busy.stderr[-2000:]
+        assert not list((model_dir / "training").glob("run-*"))
+
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while not (states := list((model_dir / "training").glob("run-*/state/train_state.pt"))):
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+        first.kill()
+        first.wait(timeout=30)
+        killed_at = torch.load(states[0], map_location="cpu", weights_only=False)
+        assert killed_at["stage"] == "encoder" and 0 < killed_at["step"] < 400
+
+        resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+        assert summary["status"] == "published", resumed.stderr[-3000:]
+        # the same run directory, from its last checkpoint (fine_tune's own tests check that a resumed run ends
+        # with the uninterrupted run's weights)
+        assert f"resuming encoder stage at step {killed_at['step']}" in resumed.stderr
+        assert (model_dir / "ACTIVE").read_text().strip() == summary["version"]
+    finally:
+        images.close()
