@@ -5,8 +5,8 @@ every model gets the same treatment: each precision is timed eagerly and in the 
 (CUDA: a CUDA graph, or ``torch.compile`` where capture fails; CPU: ``torch.compile``). A model whose own code
 breaks with bf16 weights runs bf16 under autocast instead (``bf16-amp``). The table keeps the eager time as a
 column and says which mode the best time is; the ratio to the fastest peer compares each at its best. SAM
-ViT-H runs eagerly only (unless ``--mode`` asks otherwise): in fp32 it is the reference of the paper's speed-up. On CUDA, times are CUDA-event medians after
-warm-up; on CPU, wall-clock medians over fewer repetitions.
+ViT-H runs eagerly only (unless ``--mode`` asks otherwise): in fp32 it is the reference of the paper's speed-up.
+On CUDA, times are CUDA-event medians after warm-up; on CPU, wall-clock medians over fewer repetitions.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ class FactoredMaskDecoder(nn.Module):
         side = int(math.isqrt(keys.shape[1]))
         # the upscaling works pixel by pixel (each output pixel of a 2x2 stride-2 transposed convolution comes from
         # one input pixel): its outputs stay in the GEMMs' order, and only the masks are put in image order
-        x = torch.addmm(self.up1.bias, keys.reshape(-1, keys.shape[-1]), self.up1.weight).view(-1, self.up1.out_channels)
+        x = torch.addmm(self.up1.bias, keys.reshape(-1, keys.shape[-1]), self.up1.weight)
+        x = x.view(-1, self.up1.out_channels)
         x = self.act1(F.layer_norm(x, (x.shape[-1],), self.norm2d.weight, self.norm2d.bias, self.norm2d.eps))
         x = self.act2(torch.addmm(self.up2.bias, x, self.up2.weight))  # (K·H·W·2·2, 2·2·C/8): blocked pixel order
         chosen = range(1, d.num_mask_tokens) if multimask_output else range(1)
