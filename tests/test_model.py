@@ -96,6 +96,34 @@ def test_teacher_configs_build_segment_anything_models():
         assert teacher.image_encoder(torch.randn(1, 3, 256, 256)).shape == (1, 256, 16, 16)
 
 
+def test_fused_relative_position_attention_equals_sams():
+    """The teacher's attention with its relative positions folded into one attention call: the same encoder
+    output as segment_anything's, global and windowed blocks (padded windows included), same state dict."""
+    import copy
+
+    from samlight.modeling.sam_attention import FusedRelPosAttention, fuse_rel_pos_attention
+
+    teacher = seeded(0, build_teacher, teacher_config("vit_test"))
+    encoder = teacher.image_encoder.eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in encoder.blocks:  # SAM zero-initialises them: give them values that matter
+            block.attn.rel_pos_h.copy_(torch.randn(block.attn.rel_pos_h.shape, generator=g))
+            block.attn.rel_pos_w.copy_(torch.randn(block.attn.rel_pos_w.shape, generator=g))
+    fused = copy.deepcopy(encoder)
+    assert fuse_rel_pos_attention(fused) == len(encoder.blocks)
+    assert all(isinstance(b.attn, FusedRelPosAttention) for b in fused.blocks)
+    assert fused.state_dict().keys() == encoder.state_dict().keys()
+    x = torch.randn(2, 3, 256, 256, generator=g)
+    with torch.no_grad():
+        expected, actual = encoder(x), fused(x)
+        assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4), (actual - expected).abs().max()
+        # the relative terms are not a no-op here: without them the output differs
+        for block in fused.blocks:
+            block.attn.use_rel_pos = False
+        assert not torch.allclose(fused(x), expected, atol=1e-2)
+
+
 def test_seeded_builds_are_identical_and_do_not_touch_the_global_rng():
     torch.manual_seed(123)
     before = torch.rand(1)

@@ -40,6 +40,7 @@ from samlight.distill.schedule import dynamic_layer_weights, layer_mapping
 from samlight.distill.teacher import TeacherFeatures
 from samlight.modeling import StudentConfig, build_student, seeded, student_config
 from samlight.modeling.build import init_decoder_from
+from samlight.modeling.sam_attention import fuse_rel_pos_attention
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,8 @@ class Run:
         self.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        # its attention with the relative positions in one fused call: same values, no N x N score tensors
+        fuse_rel_pos_attention(self.teacher.image_encoder)
         features = TeacherFeatures(self.spec, self.device, cache, self.autocast, teacher=self.teacher,
                                    identity=self.identity, resident_bytes=self._resident_bytes())
         student.to(self.device)
