@@ -35,8 +35,8 @@ class FusedRelPosAttention(Attention):
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
-        return self.proj(out)
+        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(batch, height, width, -1))
 
     def _relative_terms(self, q: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's decomposed relative position terms of each query: (B, heads, N, height) and (B, heads, N, width)."""
