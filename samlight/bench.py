@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from samlight.modeling.int8_linear import Int8Linear, companion_dtype, int8_encoder
+from samlight.modeling.int8_linear import Int8Linear, int8_encoder
 from samlight.models import ModelSpec
+from samlight.predictor import Predictor, encoder_dtype
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def _prepare(entry: Entry, device: torch.device) -> tuple[nn.Module, torch.dtype
     model = entry.build().eval().to(device)
     if entry.precision == "int8":
         model = int8_encoder(model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": companion_dtype()}[entry.precision]
+    dtype = encoder_dtype(entry.precision)
     if dtype != torch.float32:
         model = model.to(dtype)
     return model, dtype
@@ -212,10 +213,11 @@ def measure(entry: Entry, device: torch.device, repeats: int, batch: int, modes:
                 result.notes.append(f"{mode}: {str(error)[:160]}")
                 _sync_quietly(device)
                 continue
-            setattr(result, f"{mode}_ms", statistics.median(times))
+            median = statistics.median(times)
+            setattr(result, f"{mode}_ms", median)
             runners[mode] = run
-            if result.latency_ms is None or statistics.median(times) < result.latency_ms:
-                result.mode, result.latency_ms = mode, statistics.median(times)
+            if result.latency_ms is None or median < result.latency_ms:
+                result.mode, result.latency_ms = mode, median
                 result.latency_spread_ms = (max(times) - min(times)) if len(times) > 1 else 0.0
         if result.mode is None:
             raise RuntimeError("; ".join(result.notes) or "no mode ran")
@@ -249,8 +251,6 @@ def measure_prompt_to_mask(name: str, device: torch.device, repeats: int) -> tup
     prompt encoder and mask decoder (eager, float32 on the CPU, bf16 autocast on CUDA as the predictor)."""
     import numpy as np
 
-    from samlight.predictor import Predictor
-
     predictor = Predictor(ModelSpec.random(name).load(), device=device)
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     embedding = predictor.embed(image)
@@ -260,15 +260,12 @@ def measure_prompt_to_mask(name: str, device: torch.device, repeats: int) -> tup
     to_host = time_ms(lambda: predictor.predict_embedding(embedding, box=box[0], multimask_output=False), device,
                       repeats, 3)
     model = predictor.model
-    boxes = torch.as_tensor(predictor.transform.apply_boxes(box, embedding.original_size), dtype=torch.float32,
-                            device=device)
+    _, _, boxes = predictor._prompt_tensors(embedding, None, None, box)
 
     def sam_decoder():
-        with torch.inference_mode(), predictor._precision():
-            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-            low_res, _ = model.mask_decoder(embedding.features, model.prompt_encoder.get_dense_pe(), sparse, dense,
-                                            multimask_output=False)
-            return model.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
+        with torch.inference_mode():
+            low_res, _ = predictor.sam_low_res(embedding.features, None, None, boxes, None, False)
+            return model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
 
     reference = time_ms(sam_decoder, device, repeats, 3)
     return statistics.median(on_device), statistics.median(to_host), statistics.median(reference)

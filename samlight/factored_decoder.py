@@ -69,9 +69,9 @@ def image_to_tokens(attention: nn.Module, q_image: torch.Tensor, k_tokens: torch
         scores = (torch.matmul(folded, q_image.transpose(1, 2)) + shift) * scale  # (K, heads·T, N)
     else:
         scores = torch.matmul(k.transpose(1, 2), projected_q) * scale  # (K, heads, T, N)
-    tokens = scores.shape[-1]
+    pixels = scores.shape[-1]
     # softmax over each head's T tokens: a reduction across rows, each row contiguous over the image
-    weights = torch.softmax(scores.view(prompts, heads, count, tokens), dim=2).view(prompts, heads * count, tokens)
+    weights = torch.softmax(scores.view(prompts, heads, count, pixels), dim=2).view(prompts, heads * count, pixels)
     wo = attention.out_proj.weight.view(attention.out_proj.out_features, heads, -1)  # (C, heads, d)
     values = torch.einsum("kthd,chd->khtc", v, wo).reshape(prompts, heads * count, -1)
     return torch.matmul(weights.transpose(1, 2), values) + attention.out_proj.bias

@@ -62,6 +62,11 @@ def cpu_encoder_options(fast: bool, int8: bool) -> dict:
     return {}
 
 
+def encoder_dtype(precision: str) -> torch.dtype:
+    """The float dtype an encoder runs in at ``precision`` (for int8: around its int8 GEMMs)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": companion_dtype()}[precision]
+
+
 class Predictor:
     BULK_PROMPTS = 64  # a point grid's batch this large runs on the compiled decoder (see decode_grid)
 
@@ -102,8 +107,7 @@ class Predictor:
                 raise ValueError("int8 encoder precision is for SAM-Lightening encoders on the CPU")
             encoder = int8_encoder(encoder)  # a copy: the model keeps its float weights
         if graphable and (fast or precision != "fp32"):
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": companion_dtype()}[precision]
-            encoder = GraphedEncoder(encoder, dtype=dtype)
+            encoder = GraphedEncoder(encoder, dtype=encoder_dtype(precision))
         if compile_encoder is None:
             compile_encoder = precision == "int8"
         if compile_encoder and not on_cuda:  # on CUDA the encoder's graph already removes the overheads
@@ -274,27 +278,30 @@ class Predictor:
         if mask_arg is not None and mask_arg.dim() == 3:
             mask_arg = mask_arg[:, None]
         if self.graphed_decoder is not None:
-            low_res, iou = self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output, mask_arg)
-        elif self.click_decoder is not None:
+            return self.graphed_decoder(embedding.features, coords, labels, boxes, multimask_output, mask_arg)
+        if self.click_decoder is None:
+            return self.sam_low_res(embedding.features, coords, labels, boxes, mask_arg, multimask_output)
+        sparse, dense = self.model.prompt_encoder(
+            points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg
+        )
+        return self.click_decoder(embedding.features, sparse, dense if mask_arg is not None else None,
+                                  multimask_output)
+
+    def sam_low_res(self, features, coords, labels, boxes, masks, multimask_output):
+        """``_low_res`` by SAM's own prompt encoder and mask decoder, eagerly (prompts as ``_prompt_tensors``
+        gives them): the reference the fast decoders are measured against."""
+        with self._precision():
             sparse, dense = self.model.prompt_encoder(
-                points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg
+                points=(coords, labels) if coords is not None else None, boxes=boxes, masks=masks
             )
-            low_res, iou = self.click_decoder(embedding.features, sparse, dense if mask_arg is not None else None,
-                                              multimask_output)
-        else:
-            with self._precision():
-                sparse, dense = self.model.prompt_encoder(
-                    points=(coords, labels) if coords is not None else None, boxes=boxes, masks=mask_arg
-                )
-                low_res, iou = self.model.mask_decoder(
-                    image_embeddings=embedding.features,
-                    image_pe=self.model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multimask_output,
-                )
-            low_res, iou = low_res.float(), iou.float()
-        return low_res, iou
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        return low_res.float(), iou.float()
 
     # --- SamPredictor-style convenience ---------------------------------------------------------
 

@@ -40,8 +40,8 @@ class FusedRelPosAttention(Attention):
 
     def _relative_terms(self, q: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's decomposed relative position terms of each query: (B, heads, N, height) and (B, heads, N, width)."""
-        table_h = _on(get_rel_pos_cached(height, self.rel_pos_h), q)
-        table_w = _on(get_rel_pos_cached(width, self.rel_pos_w), q)
+        table_h = relative_table(height, self.rel_pos_h).to(q.dtype)
+        table_w = relative_table(width, self.rel_pos_w).to(q.dtype)
         grid = q.reshape(*q.shape[:2], height, width, q.shape[-1])
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).flatten(2, 3)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).flatten(2, 3)
@@ -56,17 +56,13 @@ class FusedRelPosAttention(Attention):
         return rows, cols
 
 
-def get_rel_pos_cached(size: int, rel_pos: nn.Parameter) -> torch.Tensor:
+def relative_table(size: int, rel_pos: nn.Parameter) -> torch.Tensor:
     """``get_rel_pos(size, size, rel_pos)`` (size, size, d), with the index built on the table's device (SAM's
     builds it on the host: a host-to-device copy on every call, which no CUDA graph can capture)."""
     if rel_pos.shape[0] != 2 * size - 1:  # interpolated: SAM's own path
         return get_rel_pos(size, size, rel_pos)
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
-
-
-def _on(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return table.to(device=like.device, dtype=like.dtype)
 
 
 def fuse_rel_pos_attention(encoder: nn.Module) -> int:
