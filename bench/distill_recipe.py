@@ -7,7 +7,10 @@ profile: the recipe's encoder steps under the torch profiler (OUT/distill_profil
 recipe: ``lightening_t`` from ``random:vit_b`` on coco_tiny train + val minus the first ``--holdout`` val images
 (held out). A short probe run measures images/s, which sets the step count that fills ``--budget-min``; the
 run saves a student snapshot every ``steps / --snapshots`` steps, and each snapshot's mask IoU to the teacher
-(box and one-point prompts) and embedding cosine on the held-out images are measured afterwards.
+(box and one-point prompts) and embedding cosine on the held-out images are measured afterwards. A run longer
+than one device call: cut the first call (``timeout``), then call again with ``--resume`` on the same warm
+machine: the run continues from its last checkpoint (``--checkpoint-every``) with the first call's step count,
+and its minutes count training time only (the gap between the calls is left out).
 throughput: ``random:vit_h`` teacher, the whole encoder stage per step (loader, teacher features, student
 forward and backward): teacher features kept on the GPU (the first epoch runs the teacher), and from a
 warm disk cache with nothing kept on the GPU.
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="fixed step count instead of the budget")
     p.add_argument("--probe-steps", type=int, default=40)
     p.add_argument("--snapshots", type=int, default=6)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="recipe run: steps between resumable states")
+    p.add_argument("--resume", action="store_true", help="continue the recipe run in --work (see above)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--augment", type=float, default=0.5)
@@ -63,6 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def median_rate(records: list[dict], skip: int) -> float:
     timed = records[skip:] or records
     return statistics.median(r["images_per_s"] for r in timed)
+
+
+def training_clock(records: list[dict], started: float, resume_gap_s: float = 30.0) -> list[float]:
+    """Seconds of training at each record: wall time between consecutive steps, except that a gap longer than
+    ``resume_gap_s`` (a run stopped and resumed) counts as the step's own duration."""
+    clock, previous, total = [], started, 0.0
+    for r in records:
+        delta = r["time"] - previous
+        total += delta if 0 <= delta <= resume_gap_s else r["images"] / r["images_per_s"]
+        clock.append(total)
+        previous = r["time"]
+    return clock
 
 
 class Recipe(PhasedRun):
@@ -86,11 +103,12 @@ class Recipe(PhasedRun):
         train = coco_dataset(root / "instances_train2017.json") + val[self.args.holdout:]
         return train, val[: self.args.holdout]
 
-    def config(self, name: str, steps: int, **changes):
+    def config(self, name: str, steps: int, keep: bool = False, **changes):
         from samlight.distill import FineTuneConfig
 
         out = self.work / name
-        shutil.rmtree(out, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
         a = self.args
         settings = dict(out_dir=str(out), encoder_steps=steps, decoder_steps=0, batch_size=a.batch_size, lr=a.lr,
                         augment=a.augment, neck_weight=a.neck_weight, layer_sigma=a.layer_sigma,
@@ -117,21 +135,31 @@ class Recipe(PhasedRun):
         teacher = spec.load()
         result = {"teacher": a.teacher, "student": a.student, "train_images": len(train), "held_out_images": len(held)}
         self.results["recipe"] = result
-        steps = a.steps
-        if steps is None:
-            probe = self.config("probe", a.probe_steps)
-            fine_tune(a.student, spec, train, probe, teacher=teacher)
-            rate = median_rate(self.records(probe), skip=5)
-            steps = max(a.snapshots, int(a.budget_min * 60 * rate / a.batch_size))
-            result["probe_images_per_s"] = rate
-        result["steps"] = steps
+        plan_path = self.work / "recipe_plan.json"
+        resuming = a.resume and plan_path.exists()
+        if resuming:  # the first call's step count, probe and start
+            result.update(json.loads(plan_path.read_text()))
+            print(f"resuming the recipe run of {result['steps']} steps", flush=True)
+        else:
+            steps = a.steps
+            if steps is None:
+                probe = self.config("probe", a.probe_steps)
+                fine_tune(a.student, spec, train, probe, teacher=teacher)
+                rate = median_rate(self.records(probe), skip=5)
+                steps = max(a.snapshots, int(a.budget_min * 60 * rate / a.batch_size))
+                result["probe_images_per_s"] = rate
+            result.update(steps=steps, started=time.time())
+            plan_path.write_text(json.dumps({k: result[k] for k in ("steps", "started", "probe_images_per_s")
+                                             if k in result}))
+        steps, started = result["steps"], result["started"]
         self.save()
-        run = self.config("run", steps, snapshot_every=max(1, steps // a.snapshots), decoder_steps=a.decoder_steps,
-                          decoder_lr=a.decoder_lr, teacher_loss_weight=1.0, gt_loss_weight=0.0, iou_loss_weight=0.0)
-        started = time.time()
+        run = self.config("run", steps, keep=resuming, snapshot_every=max(1, steps // a.snapshots),
+                          decoder_steps=a.decoder_steps, decoder_lr=a.decoder_lr, teacher_loss_weight=1.0,
+                          gt_loss_weight=0.0, iou_loss_weight=0.0, checkpoint_every=a.checkpoint_every)
         fine_tune(a.student, spec, train, run, teacher=teacher)
-        result["run_minutes"] = (time.time() - started) / 60
         records = self.records(run)
+        clock = training_clock(records, started)
+        result["run_minutes"] = clock[-1] / 60
         encoder = [r for r in records if r["stage"] == "encoder"]
         result["median_images_per_s"] = median_rate(encoder, skip=5)
         result["median_data_wait_s"] = statistics.median(r["data_wait_s"] for r in encoder)
@@ -142,10 +170,10 @@ class Recipe(PhasedRun):
         initial = seeded(run.seed, build_student, student_config(a.student))
         init_decoder_from(initial, teacher)
         snapshots = [(0, 0.0, initial)]
-        at = {r["step"] + 1: r["time"] for r in records if r["stage"] == "encoder"}
+        at = {r["step"] + 1: seconds for r, seconds in zip(records, clock) if r["stage"] == "encoder"}
         for path in sorted((Path(run.out_dir) / "snapshots").iterdir()):
             step = int(path.name.split("-")[1])
-            snapshots.append((step, (at[step] - started) / 60, load_student(path).model))
+            snapshots.append((step, at[step] / 60, load_student(path).model))
         if a.decoder_steps:  # the finished student: encoder steps, then decoder alignment
             snapshots.append((steps + a.decoder_steps, result["run_minutes"],
                               load_student(Path(run.out_dir) / "student").model))
