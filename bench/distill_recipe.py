@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snapshots", type=int, default=6)
     p.add_argument("--checkpoint-every", type=int, default=100, help="recipe run: steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue the recipe run in --work (see above)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="with --resume: no more training, measure the snapshots the run has saved")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--augment", type=float, default=0.5)
@@ -156,7 +158,8 @@ class Recipe(PhasedRun):
         run = self.config("run", steps, keep=resuming, snapshot_every=max(1, steps // a.snapshots),
                           decoder_steps=a.decoder_steps, decoder_lr=a.decoder_lr, teacher_loss_weight=1.0,
                           gt_loss_weight=0.0, iou_loss_weight=0.0, checkpoint_every=a.checkpoint_every)
-        fine_tune(a.student, spec, train, run, teacher=teacher)
+        if not (resuming and a.eval_only):
+            fine_tune(a.student, spec, train, run, teacher=teacher)
         records = self.records(run)
         clock = training_clock(records, started)
         result["run_minutes"] = clock[-1] / 60
@@ -171,12 +174,13 @@ class Recipe(PhasedRun):
         init_decoder_from(initial, teacher)
         snapshots = [(0, 0.0, initial)]
         at = {r["step"] + 1: seconds for r, seconds in zip(records, clock) if r["stage"] == "encoder"}
-        for path in sorted((Path(run.out_dir) / "snapshots").iterdir()):
+        for path in sorted((Path(run.out_dir) / "snapshots").glob("encoder-*")):
             step = int(path.name.split("-")[1])
             snapshots.append((step, at[step] / 60, load_student(path).model))
-        if a.decoder_steps:  # the finished student: encoder steps, then decoder alignment
+        finished = Path(run.out_dir) / "student"
+        if a.decoder_steps and finished.is_dir():  # the finished student: encoder steps, then decoder alignment
             snapshots.append((steps + a.decoder_steps, result["run_minutes"],
-                              load_student(Path(run.out_dir) / "student").model))
+                              load_student(finished).model))
         teacher_predictor = Predictor(teacher)
         curve = result["curve"] = []  # saved point by point: a run cut short keeps what it measured
         for step, minutes, model in snapshots:
