@@ -153,3 +153,37 @@ def test_random_views_crop_flip_and_recolour_within_bounds():
     flipped, size = apply_view(prepared.pixels, whole)
     assert size == (154, 256)
     assert torch.allclose(flipped[:, :154, :256], prepared.pixels[:, :154, :256].float().flip(-1), atol=1e-3)
+
+
+def test_decoder_stage_decodes_a_batch_as_sam_does_image_by_image():
+    """The decoder stage's one pass per prompt kind gives each group what SAM's own decoder gives it, in the
+    order the losses read them (image by image, boxes before points), with gradients to the decoder."""
+    from samlight.distill.trainer import decode
+    from samlight.models import ModelSpec
+
+    torch.manual_seed(0)
+    sam = ModelSpec.parse("random:vit_test").load()
+    side = sam.prompt_encoder.image_embedding_size[0]
+    embeddings = torch.randn(3, sam.prompt_encoder.embed_dim, side, side)
+    box = lambda k: {"boxes": torch.rand(k, 4) * 500}  # noqa: E731
+    point = lambda k: {"points": torch.rand(k, 2, 2) * 500, "labels": torch.tensor([[1, 0], [1, -1]] * k)[:k]}  # noqa: E731
+    prompts = [{"box": box(2), "point": point(3)}, {"box": None, "point": point(1)}, {"box": box(1), "point": None}]
+
+    outputs = decode(sam, embeddings, prompts)
+
+    pe = sam.prompt_encoder.get_dense_pe()
+    expected = []
+    for i, p in enumerate(prompts):
+        for kind in ("box", "point"):
+            if p[kind] is None:
+                continue
+            points = (p[kind]["points"], p[kind]["labels"]) if kind == "point" else None
+            sparse, dense = sam.prompt_encoder(points=points, boxes=p[kind].get("boxes"), masks=None)
+            expected.append(sam.mask_decoder(embeddings[i:i + 1], pe, sparse, dense, multimask_output=True))
+    assert [low.shape for low, _ in outputs] == [low.shape for low, _ in expected]
+    assert [len(low) for low, _ in outputs] == [2, 3, 1, 1]
+    for (low, iou), (want_low, want_iou) in zip(outputs, expected):
+        torch.testing.assert_close(low, want_low, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(iou, want_iou, atol=1e-5, rtol=1e-4)
+    sum(low.mean() + iou.mean() for low, iou in outputs).backward()
+    assert sam.mask_decoder.output_upscaling[0].weight.grad.abs().sum() > 0

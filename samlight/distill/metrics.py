@@ -70,8 +70,10 @@ def plot_metrics(records: list[dict], directory: str | os.PathLike) -> list[Path
     axes[0].set_xlabel("step")
     if decoder:
         steps = [r["step"] for r in decoder]
-        for name in ("loss", "teacher_loss", "gt_loss", "iou_loss"):
-            axes[1].plot(steps, [r[name] for r in decoder], label=name)
+        for name in ("loss", "teacher_loss", "gt_loss", "iou_loss", "teacher_iou", "gt_iou"):
+            if all(name in r for r in decoder):  # teacher_iou: not in logs of runs before 2026-12-03
+                style = "--" if name.endswith("_iou") else "-"
+                axes[1].plot(steps, [r[name] for r in decoder], style, label=name)
         axes[1].legend(fontsize=7)
     axes[1].set_title("decoder stage")
     axes[1].set_xlabel("step")
