@@ -38,7 +38,7 @@ label-studio: labelstudio
 test: install redis chromium labelstudio
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install redis
 	$(PY) -m pytest -m "not e2e and not slow"
 
 serve: install
