@@ -134,10 +134,9 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
             points = (torch.cat([g["points"] for _, g in groups]), torch.cat([g["labels"] for _, g in groups]))
             sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
         sizes = [len(g["boxes"] if kind == "box" else g["points"]) for _, g in groups]
-        image_of = torch.repeat_interleave(torch.arange(len(groups), device=embeddings.device),
-                                           torch.tensor(sizes, device=embeddings.device))
-        rows = torch.tensor([i for i, _ in groups], device=embeddings.device)[image_of]
-        low, iou = decode_per_prompt(sam.mask_decoder, embeddings[rows], pe, sparse, dense)
+        image_of_prompt = torch.repeat_interleave(torch.tensor([i for i, _ in groups]), torch.tensor(sizes))
+        low, iou = decode_per_prompt(sam.mask_decoder, embeddings[image_of_prompt.to(embeddings.device)], pe,
+                                     sparse, dense)
         for (i, _), low_i, iou_i in zip(groups, low.split(sizes), iou.split(sizes)):
             results[(i, kind)] = (low_i, iou_i)
     return [results[key] for key in sorted(results, key=lambda key: (key[0], key[1] != "box"))]
@@ -146,7 +145,7 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
 def decode_per_prompt(decoder: nn.Module, embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                       dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's ``MaskDecoder`` (multimask output) for K prompts that each bring their image's embedding (K, C, H, W):
-    its ``predict_masks`` step for step, except that it repeats one image's embedding for every prompt."""
+    its ``predict_masks`` step for step, except that SAM repeats one image's embedding for all its prompts."""
     prompts = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse), dim=1)
