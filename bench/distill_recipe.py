@@ -10,7 +10,8 @@ run saves a student snapshot every ``steps / --snapshots`` steps, and each snaps
 (box and one-point prompts) and embedding cosine on the held-out images are measured afterwards. A run longer
 than one device call: cut the first call (``timeout``), then call again with ``--resume`` on the same warm
 machine: the run continues from its last checkpoint (``--checkpoint-every``) with the first call's step count,
-and its minutes count training time only (the gap between the calls is left out).
+and its minutes count training time only (the gap between the calls is left out). ``--resume --eval-only``
+trains no more and measures the snapshots the run has saved (a run cut before its curve).
 throughput: ``random:vit_h`` teacher, the whole encoder stage per step (loader, teacher features, student
 forward and backward): teacher features kept on the GPU (the first epoch runs the teacher), and from a
 warm disk cache with nothing kept on the GPU.
@@ -141,6 +142,8 @@ class Recipe(PhasedRun):
         self.results["recipe"] = result
         plan_path = self.work / "recipe_plan.json"
         resuming = a.resume and plan_path.exists()
+        if a.eval_only and not resuming:  # else a fallback measurement would start a whole new run
+            raise SystemExit(f"--eval-only needs --resume and a run in {self.work} ({plan_path.name} not found)")
         if resuming:  # the first call's step count, probe and start
             result.update(json.loads(plan_path.read_text()))
             print(f"resuming the recipe run of {result['steps']} steps", flush=True)

@@ -64,24 +64,28 @@ def main(argv=None) -> int:
     samples = coco_dataset(Path(args.data) / "annotations" / "instances_val2017.json", max_images=args.images)
     predictor = Predictor(ModelSpec.parse(args.teacher).load(), device="cpu")
     photos = [(s, image, predictor.embed(image)) for s in samples for image in [s.load_image()]]
+    # the clean embeddings' answers, once: (photo, its prompts, the best masks, the chosen index) per prompt kind
+    threshold = predictor.model.mask_threshold
+    clean_answers, logits = {}, []
+    for prompt in PROMPTS:
+        clean_answers[prompt] = []
+        for sample, image, clean in photos:
+            prompts = _prompts(sample, image.shape[:2], prompt)
+            want = batched(predictor.predict_embedding(clean, multimask_output=True, return_logits=True, **prompts))
+            logits.append(np.abs(want.masks).ravel()[::97])
+            best = _best(dataclasses.replace(want, masks=want.masks > threshold))[0]
+            clean_answers[prompt].append((clean, prompts, best, want.scores.argmax(1)))
     generator = torch.Generator().manual_seed(args.seed)
-    logits = []
     rows = []
     for cosine in args.cosines:
         row = {"cosine": cosine}
         for prompt in PROMPTS:
             ious, agree = [], []
-            for sample, image, clean in photos:
-                prompts = _prompts(sample, image.shape[:2], prompt)
+            for clean, prompts, want_best, want_choice in clean_answers[prompt]:
                 noisy = dataclasses.replace(clean, features=perturbed(clean.features, cosine, generator))
-                want = predictor.predict_embedding(clean, multimask_output=True, return_logits=True, **prompts)
-                got = predictor.predict_embedding(noisy, multimask_output=True, **prompts)
-                want, got = batched(want), batched(got)
-                if cosine == args.cosines[0]:
-                    logits.append(np.abs(want.masks).ravel()[::97])
-                want_masks = dataclasses.replace(want, masks=want.masks > predictor.model.mask_threshold)
-                ious.extend(mask_iou(a, b) for a, b in zip(_best(got)[0], _best(want_masks)[0]))
-                agree.extend(got.scores.argmax(1) == want.scores.argmax(1))
+                got = batched(predictor.predict_embedding(noisy, multimask_output=True, **prompts))
+                ious.extend(mask_iou(a, b) for a, b in zip(_best(got)[0], want_best))
+                agree.extend(got.scores.argmax(1) == want_choice)
             row[f"{prompt}_iou"] = float(np.mean(ious))
             row[f"{prompt}_same_choice"] = float(np.mean(agree))
             row["prompts"] = len(ious)
