@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", type=float, default=0.5)
     p.add_argument("--neck-weight", type=float, default=1.0)
     p.add_argument("--layer-sigma", type=float, default=0.25)
+    p.add_argument("--output-weight", type=float, default=0.3,
+                   help="encoder stage: weight of the masks' loss through the frozen decoder (0: features only)")
+    p.add_argument("--output-prompts", type=int, default=8)
     p.add_argument("--decoder-steps", type=int, default=400,
                    help="then the decoder learns the teacher's masks from the student's embeddings")
     # 2e-4 lowered held-out fidelity on CPU-sized models (box 0.848 -> 0.839), 5e-5 raised it (0.854): see
@@ -117,6 +120,7 @@ class Recipe(PhasedRun):
         a = self.args
         settings = dict(out_dir=str(out), encoder_steps=steps, decoder_steps=0, batch_size=a.batch_size, lr=a.lr,
                         augment=a.augment, neck_weight=a.neck_weight, layer_sigma=a.layer_sigma,
+                        output_weight=a.output_weight, output_prompts=a.output_prompts,
                         num_workers=a.num_workers, checkpoint_every=max(50, steps // 10), progress=False)
         settings.update(changes)
         return FineTuneConfig(**settings)

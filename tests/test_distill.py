@@ -161,6 +161,26 @@ def test_augmented_views_are_new_to_the_teacher_and_snapshots_follow_the_run(tmp
 
 
 @pytest.mark.slow
+def test_output_loss_trains_the_encoder_through_the_frozen_decoder(tmp_path, train_samples, teacher):
+    samples = train_samples[:4]
+    common = dict(encoder_steps=4, decoder_steps=0, batch_size=2, augment=0.5, progress=False)
+    masks = fine_tune("lightening_test", TEACHER, samples,
+                      FineTuneConfig(out_dir=str(tmp_path / "masks"), output_weight=1.0, **common))
+    features = fine_tune("lightening_test", TEACHER, samples,
+                         FineTuneConfig(out_dir=str(tmp_path / "features"), **common))
+    records = [json.loads(line) for line in (tmp_path / "masks" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["output_loss"] > 0 for r in records)
+    assert all(r["loss"] > r["neck_loss"] + r["output_loss"] - 1e-6 for r in records)
+    weights = _weights(masks)
+    for name, value in teacher.mask_decoder.state_dict().items():  # the student's decoder stays the teacher's
+        torch.testing.assert_close(weights["mask_decoder." + name], value, rtol=0, atol=0, msg=name)
+    assert not torch.equal(weights["image_encoder.neck.0.weight"], _weights(features)["image_encoder.neck.0.weight"])
+    again = fine_tune("lightening_test", TEACHER, samples,
+                      FineTuneConfig(out_dir=str(tmp_path / "again"), output_weight=1.0, **common))
+    _assert_same_weights(masks, again)  # the random prompts are functions of seed and step
+
+
+@pytest.mark.slow
 def test_decoder_alignment_fits_ground_truth_box_prompts(tmp_path, train_samples, encoder_run):
     samples = train_samples[:4]
     before = evaluate_samples(load_student(encoder_run["path"]).model, samples, "box", device="cpu")["miou"]

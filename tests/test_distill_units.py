@@ -14,7 +14,7 @@ from samlight.cli import main
 from samlight.distill import FineTuneConfig, dynamic_layer_weights, layer_mapping
 from samlight.distill.data import masks_to_low_res, prepare_image
 from samlight.distill.feature_cache import TeacherFeatureCache
-from samlight.distill.prompts import sample_prompts
+from samlight.distill.prompts import random_prompts, sample_prompts
 
 
 def test_layer_mapping_is_ceil_l_times_lt_over_ls():
@@ -116,6 +116,21 @@ def test_prompt_sampling_from_masks():
     assert len(empty.points) == 3 and (empty.point_gt == -1).all()
     boxed = sample_prompts([], (60, 80), rng, max_instances=3, boxes_without_masks=[[5, 5, 40, 30]])
     assert len(boxed.boxes) == 1 and len(boxed.points) == 0 and (boxed.box_gt == -1).all()
+
+
+def test_random_prompts_lie_in_each_image_and_follow_the_generator():
+    sizes = [(768, 1024), (1024, 600)]
+    prompts = random_prompts(sizes, 5, torch.Generator().manual_seed(3))
+    assert len(prompts) == 2
+    for (h, w), p in zip(sizes, prompts):
+        boxes, points = p["box"]["boxes"], p["point"]["points"]
+        assert boxes.shape == (2, 4) and points.shape == (3, 1, 2) and p["point"]["labels"].tolist() == [[1]] * 3
+        assert (boxes[:, 2:] - boxes[:, :2] >= 0.05 * torch.tensor([w, h]) - 1e-3).all()
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+        assert (points[..., 0] <= w).all() and (points[..., 1] <= h).all() and (points >= 0).all()
+    again = random_prompts(sizes, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(again[1]["box"]["boxes"], prompts[1]["box"]["boxes"])
+    assert random_prompts(sizes, 1, torch.Generator())[0]["box"] is None  # one prompt: a click
 
 
 def test_config_validation():

@@ -30,6 +30,10 @@ class FineTuneConfig:
     layer_sigma: float = 0.25  # width of the dynamic layer-weight bump (see samlight.distill.schedule)
     neck_weight: float = 1.0
     augment: float = 0.0  # share of images seen as a random view (flip, crop, colour; see samlight.distill.augment)
+    # the masks the frozen decoder makes of the student's embedding against the teacher's, under random label-free
+    # prompts (0: off): weighs the embedding's errors by what they do to masks
+    output_weight: float = 0.0
+    output_prompts: int = 8  # random prompts per image for that loss, half boxes, half single clicks
     # decoder stage
     teacher_loss_weight: float = 1.0
     gt_loss_weight: float = 1.0
@@ -54,7 +58,8 @@ class FineTuneConfig:
                  "restart", "snapshot_every", "resident_features_gb")
 
     def validate(self) -> None:
-        for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers", "snapshot_every"):
+        for name in ("encoder_steps", "decoder_steps", "instances_per_image", "num_workers", "snapshot_every",
+                     "output_weight", "output_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "checkpoint_every"):

@@ -62,6 +62,8 @@ def plot_metrics(records: list[dict], directory: str | os.PathLike) -> list[Path
         steps = [r["step"] for r in encoder]
         axes[0].plot(steps, [r["loss"] for r in encoder], label="total", color="black")
         axes[0].plot(steps, [r["neck_loss"] for r in encoder], label="neck")
+        if any(r.get("output_loss") for r in encoder):  # only when the output loss is on
+            axes[0].plot(steps, [r["output_loss"] for r in encoder], "--", label="output (masks)", color="tab:red")
         for i in range(len(encoder[0]["layer_losses"])):
             axes[0].plot(steps, [r["layer_losses"][i] for r in encoder], label=f"block {i + 1}", alpha=0.6)
         axes[0].set_yscale("log")

@@ -1,10 +1,12 @@
-"""Prompts sampled from masks for decoder alignment: jittered boxes, positive and negative points."""
+"""Prompts for training: sampled from masks for decoder alignment (jittered boxes, positive and negative points),
+and random label-free ones for the encoder stage's output loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from samlight.distill.data import mask_box
 
@@ -92,3 +94,21 @@ def sample_prompts(masks: list[np.ndarray], size: tuple[int, int], rng: np.rando
         labels=np.array(labels, dtype=np.int64).reshape(-1, 2),
         point_gt=np.array(point_gt, dtype=np.int64),
     )
+
+
+def random_prompts(input_sizes: list[tuple[int, int]], per_image: int, generator: torch.Generator) -> list[dict]:
+    """Label-free prompts in the model's input frame, uniform over each image's (h, w): ``per_image // 2`` boxes of
+    5-100 % of each side, the rest single positive clicks. In :func:`samlight.distill.trainer.decode`'s format."""
+    prompts = []
+    boxes_n = per_image // 2
+    points_n = per_image - boxes_n
+    for h, w in input_sizes:
+        side = torch.tensor([w, h], dtype=torch.float32)
+        extent = (0.05 + 0.95 * torch.rand(boxes_n, 2, generator=generator)) * side
+        corner = torch.rand(boxes_n, 2, generator=generator) * (side - extent)
+        points = torch.rand(points_n, 1, 2, generator=generator) * side
+        prompts.append({
+            "box": {"boxes": torch.cat([corner, corner + extent], dim=1)} if boxes_n else None,
+            "point": {"points": points, "labels": torch.ones(points_n, 1, dtype=torch.int64)} if points_n else None,
+        })
+    return prompts

@@ -35,7 +35,7 @@ from samlight.distill.feature_cache import TeacherFeatureCache
 from samlight.distill.loader import ThreadLoader
 from samlight.distill.losses import dice_loss, mask_iou, relative_mse, sigmoid_focal_loss
 from samlight.distill.metrics import MetricsLog, plot_metrics
-from samlight.distill.prompts import sample_prompts
+from samlight.distill.prompts import random_prompts, sample_prompts
 from samlight.distill.schedule import dynamic_layer_weights, layer_mapping
 from samlight.distill.teacher import TeacherFeatures
 from samlight.modeling import StudentConfig, build_student, seeded, student_config
@@ -456,6 +456,10 @@ class Run:
         data = StageData(self.samples, "encoder", cfg, img_size, blocks, ctx["features"])
         loader = (stage_loader(data, rank_positions(start, total, cfg, env), cfg.batch_size, cfg.num_workers))
         features = ctx["features"]
+        # the student's prompt path stays as it is (the output loss reaches the encoder through it)
+        prompt_path = [*ctx["student"].prompt_encoder.parameters(), *ctx["student"].mask_decoder.parameters()]
+        for p in prompt_path:
+            p.requires_grad_(False)
         bar = self._progress("encoder", start, total)
         for step in range(start, total):
             began = time.perf_counter()
@@ -463,14 +467,14 @@ class Run:
             lr = learning_rate(cfg.lr, step, total, cfg.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = {"loss": 0.0, "neck": 0.0, "layers": [0.0] * len(blocks)}
+            sums = {"loss": 0.0, "neck": 0.0, "output": 0.0, "layers": [0.0] * len(blocks)}
             hits = images = 0
             data_s = 0.0
             for micro in range(cfg.grad_accum):
                 waited = time.perf_counter()
                 items = next(loader)
                 data_s += time.perf_counter() - waited
-                x = self._encoder_inputs(items)
+                x, sizes = self._encoder_inputs(items)
                 t_neck, t_blocks = features.fetch([it["key"] for it in items], x, img_size, blocks,
                                                   [it["features"] for it in items])
                 hits += sum(it["features"] is not None for it in items)
@@ -482,6 +486,10 @@ class Run:
                     layer_losses = [relative_mse(s, t) for s, t in zip(s_blocks, t_blocks)]
                     neck_loss = relative_mse(s_neck, t_neck)
                     loss = sum(w * l for w, l in zip(weights, layer_losses)) + cfg.neck_weight * neck_loss
+                    if cfg.output_weight:
+                        output_loss = self._output_loss(s_neck, t_neck, sizes, step * cfg.grad_accum + micro)
+                        loss = loss + cfg.output_weight * output_loss
+                        sums["output"] += output_loss.item() / cfg.grad_accum
                     (loss / cfg.grad_accum).backward()
                 sums["loss"] += loss.item() / cfg.grad_accum
                 sums["neck"] += neck_loss.item() / cfg.grad_accum
@@ -492,7 +500,7 @@ class Run:
             elapsed = time.perf_counter() - began
             record = {
                 "stage": "encoder", "step": step, "loss": env.all_reduce_mean(sums["loss"]),
-                "neck_loss": env.all_reduce_mean(sums["neck"]),
+                "neck_loss": env.all_reduce_mean(sums["neck"]), "output_loss": env.all_reduce_mean(sums["output"]),
                 "layer_losses": [env.all_reduce_mean(v) for v in sums["layers"]],
                 "layer_weights": [round(w, 6) for w in weights], "lr": lr, "grad_norm": float(grad_norm),
                 "images_per_s": images * env.world_size / elapsed, "cache_hits": hits * env.world_size,
@@ -513,9 +521,12 @@ class Run:
                 else:
                     self._save_state("encoder", step + 1, optimizer)
         bar.close()
+        for p in prompt_path:
+            p.requires_grad_(True)
 
-    def _encoder_inputs(self, items: list[dict]) -> torch.Tensor:
-        """Normalised model inputs of a batch, each augmented item replaced by its view (made on the device)."""
+    def _encoder_inputs(self, items: list[dict]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalised model inputs of a batch, each augmented item replaced by its view (made on the device), and
+        each input's image size."""
         pixels, sizes = [], []
         for it in items:
             p, size = it["pixels"].to(self.device, non_blocking=True), it["input_size"]
@@ -523,7 +534,20 @@ class Run:
                 p, size = apply_view(p, it["view"])
             pixels.append(p.float())
             sizes.append(size)
-        return normalize(torch.stack(pixels), sizes)
+        return normalize(torch.stack(pixels), sizes), sizes
+
+    def _output_loss(self, s_neck: torch.Tensor, t_neck: torch.Tensor, sizes: list[tuple[int, int]],
+                     micro_step: int) -> torch.Tensor:
+        """Relative MSE of the multimask logits the student's frozen decoder makes of its embedding to the teacher's
+        of its own, under random prompts that are a function of (seed, micro-step, rank) like the data order."""
+        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + micro_step) * self.env.world_size
+                                                  + self.env.rank)
+        prompts = [_to_device(p, self.device) for p in random_prompts(sizes, self.config.output_prompts, generator)]
+        with self.precision():
+            student = decode(self._context["student"], s_neck, prompts)
+            with torch.no_grad():
+                teacher = decode(self.teacher, t_neck, prompts)
+        return relative_mse(torch.cat([low for low, _ in student]), torch.cat([low for low, _ in teacher]))
 
     def _snapshot(self, step: int) -> None:
         """The student as it is after ``step`` encoder steps: for fidelity-vs-steps curves."""
