@@ -221,6 +221,9 @@ class TrainingSettings:
     encoder_steps: int = 200
     decoder_steps: int = 100
     batch_size: int = 4
+    # the distillation recipe's levers (docs/benchmarks.md, run 7: 0.5 and 0.3 on a GPU); each costs CPU time
+    augment: float = 0.0
+    output_weight: float = 0.0
     min_corrections: int = 2
     max_project_images: int = 2000  # the connected projects' images a run also learns from (0: corrections only)
     device: str | None = None
@@ -310,6 +313,8 @@ class Settings:
                 encoder_steps=read.integer("SAMLIGHT_TRAIN_ENCODER_STEPS", TrainingSettings.encoder_steps),
                 decoder_steps=read.integer("SAMLIGHT_TRAIN_DECODER_STEPS", TrainingSettings.decoder_steps),
                 batch_size=read.integer("SAMLIGHT_TRAIN_BATCH", TrainingSettings.batch_size),
+                augment=read.number("SAMLIGHT_TRAIN_AUGMENT", TrainingSettings.augment),
+                output_weight=read.number("SAMLIGHT_TRAIN_OUTPUT_WEIGHT", TrainingSettings.output_weight),
                 min_corrections=read.integer("SAMLIGHT_TRAIN_MIN_CORRECTIONS", TrainingSettings.min_corrections),
                 max_project_images=read.integer("SAMLIGHT_TRAIN_MAX_PROJECT_IMAGES",
                                                 TrainingSettings.max_project_images),

@@ -221,7 +221,8 @@ def train(config: Settings, training: TrainingSettings, store: Corrections, regi
                                                    worker_settings.holdout_fraction)
     summary["project_images"] = len(unlabelled) + len(held_unlabelled)
     config_fields = {"encoder_steps": training.encoder_steps, "decoder_steps": training.decoder_steps,
-                     "batch_size": training.batch_size}
+                     "batch_size": training.batch_size, "augment": training.augment,
+                     "output_weight": training.output_weight}
     images = hashlib.sha256("\n".join(s.key for s in unlabelled + held_unlabelled).encode()).hexdigest()[:16]
     digest = run_digest(active, teacher_spec.identity, train_corr, {**config_fields, "project_images": images})
     data_digest = run_digest(None, "", corrections, {})  # what the corrections are, whatever the parent

@@ -16,6 +16,7 @@ from testbed import FileServer
 from serving.images import ImageFetcher
 from serving.jobs import ObjectJob, SegmentJob
 from samlight.brush_rle import mask_to_rle
+from samlight.checkpoints import load_student
 from serving.config import WorkerSettings
 from serving.correction_stream import RedisCorrectionSink
 from serving.remote import RQSegmenter
@@ -85,6 +86,7 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
     inference = start_inference_worker(redis_server.url, model_dir, "w1", tmp_path, model="vit_test")  # the teacher
     training_env = worker_env(model_dir, SAMLIGHT_TEACHER="random:vit_test", SAMLIGHT_STUDENT_CONFIG="lightening_test",
                               SAMLIGHT_TRAIN_ENCODER_STEPS=3, SAMLIGHT_TRAIN_DECODER_STEPS=3, SAMLIGHT_TRAIN_BATCH=2,
+                              SAMLIGHT_TRAIN_AUGMENT=0.5, SAMLIGHT_TRAIN_OUTPUT_WEIGHT=0.3,
                               SAMLIGHT_HOLDOUT_FRACTION=0.25, SAMLIGHT_GATE_TEACHER_BOX_IOU=0,
                               SAMLIGHT_GATE_TEACHER_POINT_IOU=0)  # 3 steps on CPU follow the teacher only so far
     try:
@@ -120,6 +122,8 @@ def test_corrections_to_dld_to_new_version_served(redis_server, tmp_path, coco_t
                 record = registry.get(summary["version"])
                 assert registry.active() == record.version and record.parent is None
                 assert record.metrics["heldout"]["instances"] > 0 and record.metrics["gate"]["passed"]
+                distilled = load_student(registry.path(record.version)).metadata["distill"]
+                assert (distilled["augment"], distilled["output_weight"]) == (0.5, 0.3)  # the recipe's levers
                 fidelity = record.metrics["teacher_fidelity"]
                 assert 0 <= fidelity["point"] <= 1 and 0 <= fidelity["box"] <= 1 and fidelity["prompts"] > 0
                 # the inference worker switches without a restart
