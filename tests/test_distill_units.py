@@ -170,8 +170,9 @@ def test_random_views_crop_flip_and_recolour_within_bounds():
     assert torch.allclose(flipped[:, :154, :256], prepared.pixels[:, :154, :256].float().flip(-1), atol=1e-3)
 
 
-def test_decoder_stage_decodes_a_batch_as_sam_does_image_by_image():
-    """The decoder stage's one pass per prompt kind gives each group what SAM's own decoder gives it, in the
+@pytest.mark.parametrize("clicks", [2, 1])  # a click and its negative: 3 tokens; a lone click: 2, as a box
+def test_decoder_stage_decodes_a_batch_as_sam_does_image_by_image(clicks):
+    """The decoder stage's one pass per prompt length gives each group what SAM's own decoder gives it, in the
     order the losses read them (image by image, boxes before points), with gradients to the decoder."""
     from samlight.distill.trainer import decode
     from samlight.models import ModelSpec
@@ -181,7 +182,8 @@ def test_decoder_stage_decodes_a_batch_as_sam_does_image_by_image():
     side = sam.prompt_encoder.image_embedding_size[0]
     embeddings = torch.randn(3, sam.prompt_encoder.embed_dim, side, side)
     box = lambda k: {"boxes": torch.rand(k, 4) * 500}  # noqa: E731
-    point = lambda k: {"points": torch.rand(k, 2, 2) * 500, "labels": torch.tensor([[1, 0], [1, -1]] * k)[:k]}  # noqa: E731
+    point = lambda k: {"points": torch.rand(k, clicks, 2) * 500,  # noqa: E731
+                       "labels": torch.tensor([[1, 0], [1, -1]] * k)[:k, :clicks]}
     prompts = [{"box": box(2), "point": point(3)}, {"box": None, "point": point(1)}, {"box": box(1), "point": None}]
 
     outputs = decode(sam, embeddings, prompts)

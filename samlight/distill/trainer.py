@@ -119,10 +119,10 @@ class DecoderStage(nn.Module):
 
 def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Multimask logits and predicted IoUs per prompt group, in the order (image, then box before point) of
-    ``prompts``. One decoder pass per prompt kind for the whole batch: SAM's decoder called image by image and
-    kind by kind is some 30 small passes per step, whose kernel launches set the stage's speed on a GPU."""
-    pe = sam.prompt_encoder.get_dense_pe()
-    results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    ``prompts``. One decoder pass per prompt length for the whole batch (a box and a lone click are both two
+    tokens, and share one): SAM's decoder called image by image and kind by kind is some 30 small passes per step,
+    and the decoder's many small kernels, not its arithmetic, set the pace on a GPU."""
+    by_length: dict[int, list] = {}  # prompt length -> (image, kind, sparse, dense) per group
     for kind in ("box", "point"):
         groups = [(i, p[kind]) for i, p in enumerate(prompts) if p[kind] is not None]
         if not groups:
@@ -134,11 +134,18 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
             points = (torch.cat([g["points"] for _, g in groups]), torch.cat([g["labels"] for _, g in groups]))
             sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
         sizes = [len(g["boxes"] if kind == "box" else g["points"]) for _, g in groups]
-        image_of_prompt = torch.repeat_interleave(torch.tensor([i for i, _ in groups]), torch.tensor(sizes))
+        for (i, _), group_sparse, group_dense in zip(groups, sparse.split(sizes), dense.split(sizes)):
+            by_length.setdefault(sparse.shape[1], []).append((i, kind, group_sparse, group_dense))
+    pe = sam.prompt_encoder.get_dense_pe()
+    results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for segments in by_length.values():
+        # image by image: the embeddings' gather then sums its gradient in a fixed order (a run repeats exactly)
+        segments.sort(key=lambda seg: (seg[0], seg[1] != "box"))
+        sizes = [len(seg[2]) for seg in segments]
+        image_of_prompt = torch.repeat_interleave(torch.tensor([seg[0] for seg in segments]), torch.tensor(sizes))
         low, iou = decode_per_prompt(sam.mask_decoder, embeddings[image_of_prompt.to(embeddings.device)], pe,
-                                     sparse, dense)
-        for (i, _), low_i, iou_i in zip(groups, low.split(sizes), iou.split(sizes)):
-            results[(i, kind)] = (low_i, iou_i)
+                                     torch.cat([seg[2] for seg in segments]), torch.cat([seg[3] for seg in segments]))
+        results.update(zip([(seg[0], seg[1]) for seg in segments], zip(low.split(sizes), iou.split(sizes))))
     return [results[key] for key in sorted(results, key=lambda key: (key[0], key[1] != "box"))]
 
 
