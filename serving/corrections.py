@@ -2,13 +2,14 @@
 
 ``CorrectionSink.record(event)`` stores one webhook payload durably before the backend acknowledges it.
 ``FileCorrectionSink`` appends one JSON line per event to ``MODEL_DIR/corrections/events.jsonl`` and fsyncs
-it (safe across gunicorn workers: one ``O_APPEND`` write under an exclusive ``flock``). It is the embedded
-mode's one corrections log: nothing reads it yet, and the learning loop will train from it (in RQ mode the
-corrections live in Redis, ``serving.correction_stream``, whose local fallback uses the same writer).
+it (safe across gunicorn workers: one ``O_APPEND`` write under an exclusive lock). It is the embedded mode's
+corrections log, which its learning loop trains from (``serving.local_training``); in RQ mode the corrections
+live in Redis (``serving.correction_stream``), whose local fallback for a Redis outage uses the same log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -89,25 +90,35 @@ class CorrectionSink(Protocol):
 
 
 class EventLog:
-    """An append-only JSON-lines file of webhook events, fsynced before ``append`` returns; ``flock`` makes it
-    safe across processes (gunicorn workers). One line per event: ``{"received_at": t, "event": {...}}``."""
+    """An append-only JSON-lines file of webhook events, fsynced before ``append`` returns. One line per event:
+    ``{"received_at": t, "event": {...}}``. Appends and drains take an exclusive ``flock`` on a lock file beside
+    it (``PATH.lock``), so that they are safe across processes (gunicorn workers) and a drain can replace the log
+    atomically: a reader or a crash sees the old log or the new one, never an empty one."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
 
-    def append(self, event: dict) -> None:
-        line = json.dumps({"received_at": time.time(), "event": event}, separators=(",", ":")) + "\n"
+    @contextlib.contextmanager
+    def _locked(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = line.encode()
-            while data:
-                written = os.write(fd, data)
-                data = data[written:]
-            os.fsync(fd)
+            yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def append(self, event: dict) -> None:
+        data = (json.dumps({"received_at": time.time(), "event": event}, separators=(",", ":")) + "\n").encode()
+        with self._locked():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def events(self) -> Iterator[dict]:
         """The logged events in order (a torn last line, from a crash mid-write, is skipped)."""
@@ -130,9 +141,8 @@ class EventLog:
         """``apply`` every logged event in order; the log keeps only what was not applied (``apply`` raised)."""
         if not self.path.exists():
             return 0
-        with open(self.path, "r+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            lines = [line for line in f.read().splitlines() if line.strip()]
+        with self._locked():
+            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
             done = 0
             try:
                 for line in lines:
@@ -141,14 +151,23 @@ class EventLog:
                         apply(event)
                     done += 1
             finally:
-                rest = lines[done:]
-                f.seek(0)
-                f.truncate()
-                if rest:
-                    f.write("\n".join(rest) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                if done:
+                    self._replace("".join(line + "\n" for line in lines[done:]))
         return done
+
+    def _replace(self, text: str) -> None:
+        """The log's new content, durably: a temporary file, fsynced, renamed over the log, the folder fsynced."""
+        temp = self.path.with_name(self.path.name + ".tmp")
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _logged_event(line: str) -> dict | None:

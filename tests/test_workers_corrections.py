@@ -130,6 +130,43 @@ def test_redis_error_replies_lose_no_correction(redis_server, tmp_path, failure)
     assert {c.annotation_id for c in CorrectionStore(admin).all()} == {str(i) for i in range(1, 7)}
 
 
+def test_a_drain_never_shows_an_empty_log_while_events_remain(tmp_path):
+    """The replayer drains the local log while requests append to it and others count it: each drain replaces the
+    log at once, so nobody (and no crash) ever sees it empty with events left, and no append is lost."""
+    log = EventLog(tmp_path / "pending.jsonl")
+    for i in range(30):
+        log.append(event(i, 1, "ANNOTATION_CREATED"))
+    applied, seen, stop_reading = [], [], threading.Event()
+
+    def apply_one_then_fail(e):
+        if len(applied) == drains[0]:
+            raise ConnectionError("Redis went away")  # one event per drain gets through
+        applied.append(e["annotation"]["id"])
+
+    def read():
+        while not stop_reading.is_set():
+            seen.append(log.pending())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    drains = [0]
+    for n in range(1, 21):
+        drains[0] = n
+        with pytest.raises(ConnectionError):  # the replayer's caller logs it and tries again later
+            log.drain(apply_one_then_fail)
+        log.append(event(100 + n, 1, "ANNOTATION_CREATED"))
+    stop_reading.set()
+    reader.join()
+    assert applied == list(range(20))
+    assert len(seen) > 20 and min(seen) > 0
+    assert [e["annotation"]["id"] for e in log.events()] == list(range(20, 30)) + [100 + n for n in range(1, 21)]
+    untouched = log.path.stat().st_ino
+    drains[0] = len(applied)  # the next event fails at once
+    with pytest.raises(ConnectionError):
+        log.drain(apply_one_then_fail)
+    assert log.path.stat().st_ino == untouched and log.pending() == 30  # nothing applied: not rewritten
+
+
 def test_logged_events_are_replayed_at_start_up(redis_server, tmp_path):
     # what a backend process left in its log before it exited, with Redis down
     log = EventLog(tmp_path / "models" / "corrections" / "redis-pending.jsonl")
