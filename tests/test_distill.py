@@ -86,6 +86,7 @@ def test_distillation_loss_falls_and_fidelity_rises_on_held_out_images(encoder_r
     assert after["mask_iou"] > before["mask_iou"] + 0.05, (before, after)
 
 
+@pytest.mark.slow  # the encoder_run fixture: 8 s
 def test_layer_weights_are_logged_each_step_and_move_deeper(encoder_run):
     records = [json.loads(line) for line in (encoder_run["out"] / "metrics.jsonl").read_text().splitlines()]
     weights = np.array([r["layer_weights"] for r in records])
@@ -96,6 +97,7 @@ def test_layer_weights_are_logged_each_step_and_move_deeper(encoder_run):
         assert (encoder_run["out"] / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # the encoder_run fixture: 8 s
 def test_checkpoint_carries_teacher_identity_and_metrics(encoder_run):
     checkpoint = load_student(encoder_run["path"])
     meta = checkpoint.metadata

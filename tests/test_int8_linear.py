@@ -75,7 +75,7 @@ def test_int8_encoder_rejects_an_approximate_gelu(test_student):
         int8_encoder(encoder)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiling: 8 s
 def test_int8_predictor_stays_close_to_float32(test_student, coco_val_images, compiled):
     image = load_image(coco_val_images[3])
     exact = Predictor(copy.deepcopy(test_student), device="cpu")
