@@ -98,17 +98,23 @@ def sample_prompts(masks: list[np.ndarray], size: tuple[int, int], rng: np.rando
 
 def random_prompts(input_sizes: list[tuple[int, int]], per_image: int, generator: torch.Generator) -> list[dict]:
     """Label-free prompts in the model's input frame, uniform over each image's (h, w): ``per_image // 2`` boxes of
-    5-100 % of each side, the rest single positive clicks. In :func:`samlight.distill.trainer.decode`'s format."""
-    prompts = []
+    5-100 % of each side, the rest single positive clicks; made on the generator's device (scaled by Python
+    numbers: nothing is copied from the host). In :func:`samlight.distill.trainer.decode`'s format."""
+    device = generator.device
     boxes_n = per_image // 2
     points_n = per_image - boxes_n
+    uniform = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+    prompts = []
     for h, w in input_sizes:
-        side = torch.tensor([w, h], dtype=torch.float32)
-        extent = (0.05 + 0.95 * torch.rand(boxes_n, 2, generator=generator)) * side
-        corner = torch.rand(boxes_n, 2, generator=generator) * (side - extent)
-        points = torch.rand(points_n, 1, 2, generator=generator) * side
+        extent = 0.05 + 0.95 * uniform(boxes_n, 2)  # as shares of the sides
+        corner = uniform(boxes_n, 2) * (1 - extent)
+        far = corner + extent
+        box = torch.stack([corner[:, 0] * w, corner[:, 1] * h, far[:, 0] * w, far[:, 1] * h], dim=1)
+        click = uniform(points_n, 1, 2)
+        click = torch.stack([click[..., 0] * w, click[..., 1] * h], dim=-1)
         prompts.append({
-            "box": {"boxes": torch.cat([corner, corner + extent], dim=1)} if boxes_n else None,
-            "point": {"points": points, "labels": torch.ones(points_n, 1, dtype=torch.int64)} if points_n else None,
+            "box": {"boxes": box} if boxes_n else None,
+            "point": {"points": click,
+                      "labels": torch.ones(points_n, 1, dtype=torch.int64, device=device)} if points_n else None,
         })
     return prompts

@@ -139,11 +139,11 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
     pe = sam.prompt_encoder.get_dense_pe()
     results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for segments in by_length.values():
-        # image by image: the embeddings' gather then sums its gradient in a fixed order (a run repeats exactly)
-        segments.sort(key=lambda seg: (seg[0], seg[1] != "box"))
         sizes = [len(seg[2]) for seg in segments]
-        image_of_prompt = torch.repeat_interleave(torch.tensor([seg[0] for seg in segments]), torch.tensor(sizes))
-        low, iou = decode_per_prompt(sam.mask_decoder, embeddings[image_of_prompt.to(embeddings.device)], pe,
+        # each prompt's image embedding as views of the batch's, so no index tensor goes to the device (a copy
+        # from the host waits for the GPU's queue to empty) and the gradients sum in a fixed order
+        per_prompt = torch.cat([embeddings[seg[0]].expand(len(seg[2]), -1, -1, -1) for seg in segments])
+        low, iou = decode_per_prompt(sam.mask_decoder, per_prompt, pe,
                                      torch.cat([seg[2] for seg in segments]), torch.cat([seg[3] for seg in segments]))
         results.update(zip([(seg[0], seg[1]) for seg in segments], zip(low.split(sizes), iou.split(sizes))))
     return [results[key] for key in sorted(results, key=lambda key: (key[0], key[1] != "box"))]
@@ -547,9 +547,10 @@ class Run:
                      micro_step: int) -> torch.Tensor:
         """Relative MSE of the multimask logits the student's frozen decoder makes of its embedding to the teacher's
         of its own, under random prompts that are a function of (seed, micro-step, rank) like the data order."""
-        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + micro_step) * self.env.world_size
-                                                  + self.env.rank)
-        prompts = [_to_device(p, self.device) for p in random_prompts(sizes, self.config.output_prompts, generator)]
+        # drawn on the training device: no copy from the host, which would wait for the GPU's queue to empty
+        generator = torch.Generator(self.device).manual_seed(
+            (self.config.seed * 1_000_003 + micro_step) * self.env.world_size + self.env.rank)
+        prompts = random_prompts(sizes, self.config.output_prompts, generator)
         with self.precision():
             student = decode(self._context["student"], s_neck, prompts)
             with torch.no_grad():
