@@ -141,6 +141,7 @@ def test_resident_features_run_the_teacher_once_per_image_and_change_nothing(tmp
     _assert_same_weights(resident, recomputed)
 
 
+@pytest.mark.slow  # four short runs: 4-6 s
 def test_augmented_views_are_new_to_the_teacher_and_snapshots_follow_the_run(tmp_path, train_samples):
     samples = train_samples[:4]
     config = FineTuneConfig(out_dir=str(tmp_path / "run"), encoder_steps=6, decoder_steps=0, batch_size=2,
@@ -296,6 +297,7 @@ def test_official_checkpoint_teacher_is_identified_by_its_hash(tmp_path, train_s
             out_dir=str(tmp_path / "run"), encoder_steps=1, decoder_steps=1, batch_size=1, progress=False))
 
 
+@pytest.mark.slow  # four short runs: 4-6 s
 def test_a_resume_with_other_settings_is_refused_unless_restarted(tmp_path, train_samples):
     """An unfinished run resumes only under the settings and images it started with; --restart starts over."""
     samples = train_samples[:2]

@@ -43,6 +43,7 @@ def test_int8_linear_tracks_the_float_layer(linear, dtype, activation):
     assert relative_error(out, expected) > 1e-4
 
 
+@pytest.mark.slow  # compiling: 5 s
 @torch.inference_mode()
 def test_compiled_int8_linear_equals_eager(linear):
     layer = Int8Linear(linear, "gelu")
