@@ -19,6 +19,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 
 from serving.errors import StatusError
+from serving.statefiles import write_text_atomically
 
 RECORDED_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                              "START_TRAINING"})
@@ -152,22 +153,8 @@ class EventLog:
                     done += 1
             finally:
                 if done:
-                    self._replace("".join(line + "\n" for line in lines[done:]))
+                    write_text_atomically(self.path, "".join(line + "\n" for line in lines[done:]))
         return done
-
-    def _replace(self, text: str) -> None:
-        """The log's new content, durably: a temporary file, fsynced, renamed over the log, the folder fsynced."""
-        temp = self.path.with_name(self.path.name + ".tmp")
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
 
 def _logged_event(line: str) -> dict | None:

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -117,12 +118,21 @@ class DecoderStage(nn.Module):
         return decode(self.sam, embeddings, prompts)
 
 
+class _PromptGroup(NamedTuple):
+    """One image's prompts of one kind, encoded."""
+
+    image: int
+    kind: str
+    sparse: torch.Tensor
+    dense: torch.Tensor
+
+
 def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Multimask logits and predicted IoUs per prompt group, in the order (image, then box before point) of
     ``prompts``. One decoder pass per prompt length for the whole batch (a box and a lone click are both two
     tokens, and share one): SAM's decoder called image by image and kind by kind is some 30 small passes per step,
     and the decoder's many small kernels, not its arithmetic, set the pace on a GPU."""
-    by_length: dict[int, list] = {}  # prompt length -> (image, kind, sparse, dense) per group
+    by_length: dict[int, list[_PromptGroup]] = {}
     for kind in ("box", "point"):
         groups = [(i, p[kind]) for i, p in enumerate(prompts) if p[kind] is not None]
         if not groups:
@@ -135,17 +145,17 @@ def decode(sam: Sam, embeddings: torch.Tensor, prompts: list[dict]) -> list[tupl
             sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
         sizes = [len(g["boxes"] if kind == "box" else g["points"]) for _, g in groups]
         for (i, _), group_sparse, group_dense in zip(groups, sparse.split(sizes), dense.split(sizes)):
-            by_length.setdefault(sparse.shape[1], []).append((i, kind, group_sparse, group_dense))
+            by_length.setdefault(sparse.shape[1], []).append(_PromptGroup(i, kind, group_sparse, group_dense))
     pe = sam.prompt_encoder.get_dense_pe()
     results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for segments in by_length.values():
-        sizes = [len(seg[2]) for seg in segments]
+    for groups in by_length.values():
+        sizes = [len(g.sparse) for g in groups]
         # each prompt's image embedding as views of the batch's, so no index tensor goes to the device (a copy
         # from the host waits for the GPU's queue to empty) and the gradients sum in a fixed order
-        per_prompt = torch.cat([embeddings[seg[0]].expand(len(seg[2]), -1, -1, -1) for seg in segments])
-        low, iou = decode_per_prompt(sam.mask_decoder, per_prompt, pe,
-                                     torch.cat([seg[2] for seg in segments]), torch.cat([seg[3] for seg in segments]))
-        results.update(zip([(seg[0], seg[1]) for seg in segments], zip(low.split(sizes), iou.split(sizes))))
+        per_prompt = torch.cat([embeddings[g.image].expand(len(g.sparse), -1, -1, -1) for g in groups])
+        low, iou = decode_per_prompt(sam.mask_decoder, per_prompt, pe, torch.cat([g.sparse for g in groups]),
+                                     torch.cat([g.dense for g in groups]))
+        results.update(zip([(g.image, g.kind) for g in groups], zip(low.split(sizes), iou.split(sizes))))
     return [results[key] for key in sorted(results, key=lambda key: (key[0], key[1] != "box"))]
 
 
