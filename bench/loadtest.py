@@ -23,7 +23,9 @@ Two modes:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -36,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,6 +205,29 @@ def annotator(index: int, args, backend: str, tasks: list[dict], results: list, 
                 time.sleep(rng.uniform(0.5, 1.5) * args.think_ms / 1000)
 
 
+def annotators_in_threads(indices: list[int], args, backend: str, tasks: list[dict], stop_at: float) -> list[Click]:
+    results: list[Click] = []
+    threads = [threading.Thread(target=annotator, args=(i, args, backend, tasks, results, stop_at)) for i in indices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def play(args, backend: str, tasks: list[dict], stop_at: float) -> list[Click]:
+    """All annotators until ``stop_at``, in ``--load-processes`` processes: one Python process parsing every
+    reply (a random model's masks are ~90 KB of RLE each) tops out long before a fleet of backends does."""
+    processes = max(1, min(args.load_processes, args.annotators))
+    groups = [list(range(p, args.annotators, processes)) for p in range(processes)]
+    run = functools.partial(annotators_in_threads, args=args, backend=backend, tasks=tasks, stop_at=stop_at)
+    if processes == 1:
+        return run(groups[0])
+    # fork: the children need nothing but the arguments; CLOCK_MONOTONIC (stop_at) is shared by all processes
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return [click for part in pool.map(run, groups) for click in part]
+
+
 def build_tasks(images: Path, base: str, limit: int) -> list[dict]:
     from PIL import Image, ImageOps
 
@@ -248,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false")
     parser.add_argument("--duration", type=float, default=600.0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-processes", type=int, default=1,
+                        help="processes the annotators are spread over (threads within each)")
     # --spawn
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpus", default=None, help="one device per worker, e.g. 0,0 (default: CPU)")
@@ -285,15 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             session.post(f"{backend}/predict", json=body, timeout=120)
         time.sleep(1.0)
         before = fleet_counters(redis_url)
-        results: list[Click] = []
         started = time.monotonic()
         stop_at = started + args.duration
-        threads = [threading.Thread(target=annotator, args=(i, args, backend, tasks[:-len(warm)] or tasks, results,
-                                                            stop_at)) for i in range(args.annotators)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = play(args, backend, tasks[:-len(warm)] or tasks, stop_at)
         elapsed = time.monotonic() - started
         time.sleep(1.0)  # workers publish their counters with each heartbeat (every alive_ttl/3)
         after = fleet_counters(redis_url)
