@@ -70,6 +70,21 @@ class Stack:
         self.processes.append((name, process))
         return process
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each started process and its descendants (each started process leads its own
+        session: gunicorn's workers and a worker's job processes count with it)."""
+        sessions = {process.pid: name for name, process in self.processes}
+        used = dict.fromkeys(sessions.values(), 0.0)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process exited meanwhile
+                continue
+            name = sessions.get(int(fields[3]))  # field 6 of stat: the session id
+            if name is not None:
+                used[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return used
+
     def stop(self) -> None:
         for name, process in reversed(self.processes):
             if process.poll() is None:
@@ -313,10 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             session.post(f"{backend}/predict", json=body, timeout=120)
         time.sleep(1.0)
         before = fleet_counters(redis_url)
+        cpu_before = stack.cpu_seconds() if stack else {}
+        own_before = os.times()
         started = time.monotonic()
         stop_at = started + args.duration
         results = play(args, backend, tasks[:-len(warm)] or tasks, stop_at)
         elapsed = time.monotonic() - started
+        own = os.times()  # this process, and the load processes (reaped children)
+        cpu = {name: used - cpu_before.get(name, 0.0) for name, used in (stack.cpu_seconds() if stack else {}).items()}
+        cpu["load generator"] = sum(getattr(own, f) - getattr(own_before, f)
+                                    for f in ("user", "system", "children_user", "children_system"))
         time.sleep(1.0)  # workers publish their counters with each heartbeat (every alive_ttl/3)
         after = fleet_counters(redis_url)
         health = session.get(f"{backend}/health", timeout=5).json()
@@ -347,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         "embedding_hit_rate": round(hits / clicks, 4) if clicks else None,
         "rle_bytes_median": statistics.median(c.rle_bytes for c in ok) if ok else None,
         "fleet_clicks": clicks,
+        # where the host's CPU went while the annotators clicked: seconds per component, and ms per click
+        "cpu_seconds": {name: round(used, 2) for name, used in sorted(cpu.items())},
+        "cpu_ms_per_click": {name: round(1000 * used / len(ok), 2) for name, used in sorted(cpu.items())} if ok else {},
+        "cpus": os.cpu_count(),
         "per_worker": {w: {k: after[w].get(k, 0) - before.get(w, {}).get(k, 0) for k in ("jobs", "clicks", "click_hits")}
                        for w in after},
     }
@@ -358,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:22s} p50 {stats['p50']:8.2f} ms  p90 {stats['p90']:8.2f}  p99 {stats['p99']:8.2f}  (n={stats['n']})")
     print(f"  embedding hit rate (clicks, fleet): {report['embedding_hit_rate']}  per worker: {report['per_worker']}")
     print(f"  brush RLE per mask (median): {report['rle_bytes_median']} bytes")
+    print(f"  CPU ms per click ({report['cpus']} CPUs): {report['cpu_ms_per_click']}")
     if report["error_samples"]:
         print("  errors:", *report["error_samples"], sep="\n    ")
     if args.out:
