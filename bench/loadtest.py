@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_at = started + args.duration
         results = play(args, backend, tasks[:-len(warm)] or tasks, stop_at)
         elapsed = time.monotonic() - started
-        own = os.times()  # this process, and the load processes (reaped children)
+        own = os.times()  # this process (and its stand-in file server), and the load processes (reaped children)
         cpu = {name: used - cpu_before.get(name, 0.0) for name, used in (stack.cpu_seconds() if stack else {}).items()}
         cpu["load generator"] = sum(getattr(own, f) - getattr(own_before, f)
                                     for f in ("user", "system", "children_user", "children_system"))

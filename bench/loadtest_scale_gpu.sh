@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Serving scale on one GPU host (issue 20: >= 300 clicks/s at p99 <= 50 ms through the whole stack): several
 # backend processes under gunicorn, several RQ inference workers sharing GPU 0, one redis-server, and
-# annotators with a human's pause between clicks, spread over several load-generator processes.
+# annotators (with a human's pause between clicks, or back to back) spread over 4 load-generator processes.
 #
 #   bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]
 #
-# Same arguments and wheel folders as bench/loadtest_gpu.sh. Random weights make every mask ~90 KB of brush
+# Same arguments and wheel folders as bench/loadtest_gpu.sh. Random weights make every mask 50-90 KB of brush
 # RLE (noise), more than a real mask costs, so these numbers are a pessimistic bound on the payload's cost.
 set -euo pipefail
 REDIS_SERVER=$(realpath -s "${1:?usage: bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]}")
