@@ -75,6 +75,7 @@ class Stack:
         session: gunicorn's workers and a worker's job processes count with it)."""
         sessions = {process.pid: name for name, process in self.processes}
         used = dict.fromkeys(sessions.values(), 0.0)
+        tick_s = 1 / os.sysconf("SC_CLK_TCK")
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -82,7 +83,7 @@ class Stack:
                 continue
             name = sessions.get(int(fields[3]))  # field 6 of stat: the session id
             if name is not None:
-                used[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                used[name] += (int(fields[11]) + int(fields[12])) * tick_s  # utime + stime
         return used
 
     def stop(self) -> None:
