@@ -261,7 +261,9 @@ def build_tasks(images: Path, base: str, limit: int) -> list[dict]:
 
 
 def environment_info(args) -> dict:
-    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            # deployment defaults the spawned stack inherits (the mask clean-up, threads, ...)
+            "settings": {key: value for key, value in os.environ.items() if key.startswith("SAMLIGHT_")}}
     try:
         out = subprocess.run([args.python, "-c", "import torch, json; print(json.dumps({'torch': torch.__version__, "
                               "'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))"],

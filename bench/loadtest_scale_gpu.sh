@@ -18,20 +18,20 @@ GPU=${GPU:-0}
 mkdir -p "$RESULTS"
 source bench/gpu_env.sh
 stamp=$(date -u +%Y%m%d-%H%M)
-# scale BACKENDS WORKERS ANNOTATORS THINK_MS NAME [TORCH_THREADS: each process's intra-op threads]
-scale() {
-  local gpus=$GPU n
-  for ((n = 1; n < $2; n++)); do gpus+=",$GPU"; done
-  timeout -k 10 $((DURATION + 150)) $PYTHON bench/loadtest.py --spawn --python "$PYTHON" --redis-server "$REDIS_SERVER" \
-    --images "$IMAGES" --random "$MODEL" --max-images 80 --deadline-ms 5000 --duration "$DURATION" \
-    --backend-processes "$1" --backend-threads 16 --workers "$2" --gpus="$gpus" --annotators "$3" --think-ms "$4" \
-    --open-ms 200 --tasks-per-annotator 1000 --clicks 8 --load-processes 4 ${6:+--torch-threads "$6"} \
-    --out "$RESULTS/loadtest-scale-$5-$stamp.json" || true
-}
-scale 6 3 64 150 6backends-3workers-64annotators-think150
-scale 8 4 96 200 8backends-4workers-96annotators-think200
-scale 8 4 64 0 8backends-4workers-64annotators-backtoback
-# the same with 2 torch threads per process: by default each of 4 workers starts one per core (16 here), and
-# the workers used 2.3 cores each at 259 clicks/s (loadtest-scale-h200-cpu-split-20261203.json)
-scale 8 4 64 0 8backends-4workers-64annotators-backtoback-2threads 2
+# each configuration: BACKENDS,WORKERS,ANNOTATORS,THINK_MS,TORCH_THREADS,MIN_AREA
+#   TORCH_THREADS: each process's intra-op threads (0: torch's default, one per core)
+#   MIN_AREA: the mask clean-up's SAMLIGHT_MIN_AREA (100 is the default; 0 skips the clean-up, which a random
+#   model's noise masks make far dearer than a real mask's)
+CONFIGS=${CONFIGS:-"6,3,64,150,0,100 8,4,96,200,0,100 8,4,64,0,0,100 8,4,64,0,2,100"}
+for config in $CONFIGS; do
+  IFS=, read -r backends workers annotators think threads min_area <<< "$config"
+  gpus=$GPU
+  for ((n = 1; n < workers; n++)); do gpus+=",$GPU"; done
+  name="${backends}backends-${workers}workers-${annotators}annotators-think${think}-threads${threads}-minarea${min_area}"
+  SAMLIGHT_MIN_AREA=$min_area timeout -k 10 $((DURATION + 150)) $PYTHON bench/loadtest.py --spawn --python "$PYTHON" \
+    --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL" --max-images 80 --deadline-ms 5000 \
+    --duration "$DURATION" --backend-processes "$backends" --backend-threads 16 --workers "$workers" --gpus="$gpus" \
+    --annotators "$annotators" --think-ms "$think" --open-ms 200 --tasks-per-annotator 1000 --clicks 8 \
+    --load-processes 4 --torch-threads "$threads" --out "$RESULTS/loadtest-scale-$name-$stamp.json" || true
+done
 ls -l "$RESULTS"/loadtest-scale-*-"$stamp".json
