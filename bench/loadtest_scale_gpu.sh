@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Serving scale on one GPU host (issue 20: >= 300 clicks/s at p99 <= 50 ms through the whole stack): several
 # backend processes under gunicorn, several RQ inference workers sharing GPU 0, one redis-server, and
-# annotators (with a human's pause between clicks, or back to back) spread over 4 load-generator processes.
+# annotators (with a human's pause between clicks, or back to back) spread over LOAD_PROCESSES load generators.
 #
-#   bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]
+#   [CHECKPOINT=student_dir] [CONFIGS=...] bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]
 #
 # Same arguments and wheel folders as bench/loadtest_gpu.sh. Random weights make every mask 50-90 KB of brush
-# RLE (noise), more than a real mask costs, so these numbers are a pessimistic bound on the payload's cost.
+# RLE (noise), far more than a real mask costs; a decoder trained on COCO masks (bench/aligned_student.sh)
+# gives masks of a real mask's size.
 set -euo pipefail
 REDIS_SERVER=$(realpath -s "${1:?usage: bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]}")
 IMAGES=${2:-.loadtest-images}
 RESULTS=${3:-${OUT:-bench/results}}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-lightening_t}
+CHECKPOINT=${CHECKPOINT:-}  # a student directory instead of random weights (masks of a real mask's size)
+LOAD_PROCESSES=${LOAD_PROCESSES:-4}
 DURATION=${DURATION:-40}  # seconds per load test
 GPU=${GPU:-0}
 mkdir -p "$RESULTS"
@@ -29,9 +32,9 @@ for config in $CONFIGS; do
   for ((n = 1; n < workers; n++)); do gpus+=",$GPU"; done
   name="${backends}backends-${workers}workers-${annotators}annotators-think${think}-threads${threads}-minarea${min_area}"
   SAMLIGHT_MIN_AREA=$min_area timeout -k 10 $((DURATION + 150)) $PYTHON bench/loadtest.py --spawn --python "$PYTHON" \
-    --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL" --max-images 80 --deadline-ms 5000 \
+    --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL" ${CHECKPOINT:+--checkpoint "$CHECKPOINT"} --max-images 80 --deadline-ms 5000 \
     --duration "$DURATION" --backend-processes "$backends" --backend-threads 16 --workers "$workers" --gpus="$gpus" \
     --annotators "$annotators" --think-ms "$think" --open-ms 200 --tasks-per-annotator 1000 --clicks 8 \
-    --load-processes 4 --torch-threads "$threads" --out "$RESULTS/loadtest-scale-$name-$stamp.json" || true
+    --load-processes "$LOAD_PROCESSES" --torch-threads "$threads" --out "$RESULTS/loadtest-scale-$name-$stamp.json" || true
 done
 ls -l "$RESULTS"/loadtest-scale-*-"$stamp".json

@@ -88,10 +88,16 @@ def test_click_round_trip(fleet):
     # the answer came on its reply list (consumed); RQ's result keeps a summary without the mask, so
     # Redis does not hold every click's RLE for result_ttl
     assert not segmenter.redis.keys("samlight:reply:*")
-    summaries = [Job.fetch(key.decode().rsplit(":", 1)[-1], connection=segmenter.redis,
+    def recorded():  # RQ records the jobs on the workers' bookkeeping threads, after the answers
+        found = [Job.fetch(key.decode().rsplit(":", 1)[-1], connection=segmenter.redis,
                            serializer=JSONSerializer).return_value()
                  for key in segmenter.redis.keys("rq:results:click-*")]
-    summaries = [s for s in summaries if s and "error" not in s]
+        return [s for s in found if s and "error" not in s]
+
+    deadline = time.monotonic() + 10
+    while len(recorded()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    summaries = recorded()
     assert summaries and all("rle_base64" not in s["objects"][0] and "score" in s["objects"][0]
                              and s["replied_to"].startswith("samlight:reply:click-") for s in summaries), summaries
 

@@ -5,8 +5,9 @@ An RQ ``SimpleWorker`` (jobs run in this process: no fork after CUDA init, the m
 (clicks routed to it because it holds their image's embedding), the shared click queue, then its own and the
 shared bulk (prewarm) queues. Before running a job it drains what is already queued (up to ``--max-batch``)
 and computes all of them in one pass: one batched encoder call for the new images, then the prompts. Each
-click's answer goes straight onto its reply list (the backend BLPOPs it) before RQ records the jobs as
-finished. ``rq info`` lists these workers and queues like any others.
+click's answer goes straight onto its reply list (the backend BLPOPs it); RQ then records the jobs as
+finished on a thread of its own (``workers.bookkeeping``) while the worker takes the next batch. ``rq info``
+lists these workers and queues like any others.
 
 Redis restarts, outages and error replies (OOM, READONLY) end RQ's work loop; ``serve`` keeps the loaded
 model, waits until Redis answers and starts the loop again under the same name within about a second, so a
@@ -28,10 +29,12 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 from rq.worker_registration import unregister
 
 from serving.config import WorkerSettings, connect
 from serving.images import ImageFetcher
+from workers.bookkeeping import Bookkeeping
 from workers.process import add_redis_argument, start
 
 log = logging.getLogger("workers.inference")
@@ -42,6 +45,8 @@ class InferenceWorker(SimpleWorker):
 
     # RQ waits up to 60 s between reconnection attempts; a click's deadline is 5 s
     max_connection_wait_time = 1.0
+    # job functions run on the bookkeeping thread, where an alarm signal cannot reach them
+    death_penalty_class = TimerDeathPenalty
 
     def __init__(self, *args, settings: WorkerSettings, runtime_factory, runtime=None, **kwargs) -> None:
         super().__init__(*args, serializer=JSONSerializer, **kwargs)
@@ -50,6 +55,7 @@ class InferenceWorker(SimpleWorker):
         self.runtime = runtime  # kept across restarts of the work loop: the model stays loaded
         self.restarted = runtime is not None  # a registration under our name is this process's own
         self.stopping = False
+        self.bookkeeping: Bookkeeping | None = None
 
     def bootstrap(self, *args, **kwargs):
         from workers.tasks import current_runtime
@@ -61,6 +67,7 @@ class InferenceWorker(SimpleWorker):
         current_runtime.set(self.runtime)
         super().bootstrap(*args, **kwargs)  # registers with RQ first: our own heartbeat must not block that
         self.runtime.start_background(self.settings.keys.worker_queue(self.name))
+        self.bookkeeping = Bookkeeping(super().execute_job, self.name)
 
     def register_birth(self):
         if (self.connection.exists(self.key) and not self.connection.hexists(self.key, "death")
@@ -101,11 +108,12 @@ class InferenceWorker(SimpleWorker):
                 batch.append(more)
         jobs = [j for j, _ in batch]
         self.runtime.run_batch(jobs)
-        self.runtime.publish_replies(jobs)  # answers first, RQ's bookkeeping after
-        for j, q in batch:
-            super().execute_job(j, q)
+        self.runtime.publish_replies(jobs)  # answers first, RQ's bookkeeping after, on its own thread
+        self.bookkeeping.submit(batch)
 
     def teardown(self):
+        if self.bookkeeping is not None:
+            self.bookkeeping.stop()
         if self.runtime is not None:
             self.runtime.stop()
         super().teardown()
