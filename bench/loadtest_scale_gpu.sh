@@ -6,8 +6,7 @@
 #   [CHECKPOINT=student_dir] [CONFIGS=...] bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]
 #
 # Same arguments and wheel folders as bench/loadtest_gpu.sh. Random weights make every mask 50-90 KB of brush
-# RLE (noise), far more than a real mask costs; a decoder trained on COCO masks (bench/aligned_student.sh)
-# gives masks of a real mask's size.
+# RLE (noise), far more than a real mask costs; CHECKPOINT names a trained student instead.
 set -euo pipefail
 REDIS_SERVER=$(realpath -s "${1:?usage: bench/loadtest_scale_gpu.sh REDIS_SERVER [IMAGES_DIR] [OUT_DIR]}")
 IMAGES=${2:-.loadtest-images}
@@ -25,14 +24,16 @@ stamp=$(date -u +%Y%m%d-%H%M)
 #   TORCH_THREADS: each process's intra-op threads (0: torch's default, one per core)
 #   MIN_AREA: the mask clean-up's SAMLIGHT_MIN_AREA (100 is the default; 0 skips the clean-up, which a random
 #   model's noise masks make far dearer than a real mask's)
-CONFIGS=${CONFIGS:-"6,3,64,150,0,100 8,4,96,200,0,100 8,4,64,0,0,100 8,4,64,0,2,100"}
+# (the defaults: the measured best with pauses, 4 and 8 workers, with and without the clean-up; then capacity)
+CONFIGS=${CONFIGS:-"8,4,96,200,0,0 8,8,96,200,0,0 8,4,96,200,0,100 8,4,64,0,0,0"}
 for config in $CONFIGS; do
   IFS=, read -r backends workers annotators think threads min_area <<< "$config"
   gpus=$GPU
   for ((n = 1; n < workers; n++)); do gpus+=",$GPU"; done
   name="${backends}backends-${workers}workers-${annotators}annotators-think${think}-threads${threads}-minarea${min_area}"
   SAMLIGHT_MIN_AREA=$min_area timeout -k 10 $((DURATION + 150)) $PYTHON bench/loadtest.py --spawn --python "$PYTHON" \
-    --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL" ${CHECKPOINT:+--checkpoint "$CHECKPOINT"} --max-images 80 --deadline-ms 5000 \
+    --redis-server "$REDIS_SERVER" --images "$IMAGES" --random "$MODEL" ${CHECKPOINT:+--checkpoint "$CHECKPOINT"} \
+    --max-images 80 --deadline-ms 5000 \
     --duration "$DURATION" --backend-processes "$backends" --backend-threads 16 --workers "$workers" --gpus="$gpus" \
     --annotators "$annotators" --think-ms "$think" --open-ms 200 --tasks-per-annotator 1000 --clicks 8 \
     --load-processes "$LOAD_PROCESSES" --torch-threads "$threads" --out "$RESULTS/loadtest-scale-$name-$stamp.json" || true

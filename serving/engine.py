@@ -312,6 +312,21 @@ class InferenceRuntime:
 
     # --- jobs -------------------------------------------------------------------------------------
 
+    def answer_order(self, jobs: list) -> list[list]:
+        """The batch in the order its answers can go out: first the clicks whose image is embedded already (one
+        decoder call each), then the jobs that need an image fetched and encoded. A click must not wait for a
+        download and an encoder pass that only another job (a prewarm, a first click) needs."""
+        predictor = self.served.predictor
+
+        def ready(job) -> bool:
+            payload = job.kwargs.get("payload") or {}
+            key = (payload.get("job") or {}).get("image_key")
+            return payload.get("kind") == "click" and isinstance(key, str) and predictor.is_cached(key)
+
+        first = [job for job in jobs if ready(job)]
+        rest = [job for job in jobs if not ready(job)]
+        return [part for part in (first, rest) if part]
+
     def run_batch(self, jobs: list) -> None:
         """Compute every job's result in one pass: one batched encoder call for the uncached images."""
         self.busy = len(jobs)

@@ -4,10 +4,11 @@ An RQ ``SimpleWorker`` (jobs run in this process: no fork after CUDA init, the m
 ``bootstrap()``), JSON serializer (never pickle). It takes clicks before bulk work: its own click queue
 (clicks routed to it because it holds their image's embedding), the shared click queue, then its own and the
 shared bulk (prewarm) queues. Before running a job it drains what is already queued (up to ``--max-batch``)
-and computes all of them in one pass: one batched encoder call for the new images, then the prompts. Each
-click's answer goes straight onto its reply list (the backend BLPOPs it); RQ then records the jobs as
-finished on a thread of its own (``workers.bookkeeping``) while the worker takes the next batch. ``rq info``
-lists these workers and queues like any others.
+and computes them in at most two passes: the clicks on images it has embedded, then the rest (one batched
+encoder call for the new images, then their prompts). Each click's answer goes straight onto its reply list
+(the backend BLPOPs it); RQ then records the jobs as finished on a thread of its own
+(``workers.bookkeeping``) while the worker takes the next batch. ``rq info`` lists these workers and queues
+like any others.
 
 Redis restarts, outages and error replies (OOM, READONLY) end RQ's work loop; ``serve`` keeps the loaded
 model, waits until Redis answers and starts the loop again under the same name within about a second, so a
@@ -106,9 +107,9 @@ class InferenceWorker(SimpleWorker):
                 if more is None:
                     break
                 batch.append(more)
-        jobs = [j for j, _ in batch]
-        self.runtime.run_batch(jobs)
-        self.runtime.publish_replies(jobs)  # answers first, RQ's bookkeeping after, on its own thread
+        for jobs in self.runtime.answer_order([j for j, _ in batch]):
+            self.runtime.run_batch(jobs)
+            self.runtime.publish_replies(jobs)  # answers first, RQ's bookkeeping after, on its own thread
         self.bookkeeping.submit(batch)
 
     def teardown(self):
