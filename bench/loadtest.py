@@ -247,8 +247,8 @@ def annotators_in_threads(indices: list[int], args, backend: str, tasks: list[di
 
 
 def play(args, backend: str, tasks: list[dict], stop_at: float) -> list[Click]:
-    """All annotators until ``stop_at``, in ``--load-processes`` processes: one Python process parsing every
-    reply (a random model's masks are ~90 KB of RLE each) tops out long before a fleet of backends does."""
+    """All annotators until ``stop_at``, in ``--load-processes`` processes: one Python process, its threads
+    sharing one GIL for every request and reply, tops out long before a fleet of backends does."""
     processes = max(1, min(args.load_processes, args.annotators))
     groups = [list(range(p, args.annotators, processes)) for p in range(processes)]
     run = functools.partial(annotators_in_threads, args=args, backend=backend, tasks=tasks, stop_at=stop_at)
@@ -389,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         # where the host's CPU went while the annotators clicked: seconds per component, and ms per click
         "cpu_seconds": {name: round(used, 2) for name, used in sorted(cpu.items())},
         "cpu_ms_per_click": {name: round(1000 * used / len(ok), 2) for name, used in sorted(cpu.items())} if ok else {},
-        "cpus": os.cpu_count(),
         "per_worker": {w: {k: after[w].get(k, 0) - before.get(w, {}).get(k, 0) for k in ("jobs", "clicks", "click_hits")}
                        for w in after},
     }
@@ -401,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:22s} p50 {stats['p50']:8.2f} ms  p90 {stats['p90']:8.2f}  p99 {stats['p99']:8.2f}  (n={stats['n']})")
     print(f"  embedding hit rate (clicks, fleet): {report['embedding_hit_rate']}  per worker: {report['per_worker']}")
     print(f"  brush RLE per mask (median): {report['rle_bytes_median']} bytes")
-    print(f"  CPU ms per click ({report['cpus']} CPUs): {report['cpu_ms_per_click']}")
+    print(f"  CPU ms per click ({report['environment']['cpus']} CPUs): {report['cpu_ms_per_click']}")
     if report["error_samples"]:
         print("  errors:", *report["error_samples"], sep="\n    ")
     if args.out:

@@ -323,8 +323,9 @@ class InferenceRuntime:
             key = (payload.get("job") or {}).get("image_key")
             return payload.get("kind") == "click" and isinstance(key, str) and predictor.is_cached(key)
 
-        first = [job for job in jobs if ready(job)]
-        rest = [job for job in jobs if not ready(job)]
+        first, rest = [], []
+        for job in jobs:
+            (first if ready(job) else rest).append(job)
         return [part for part in (first, rest) if part]
 
     def run_batch(self, jobs: list) -> None:

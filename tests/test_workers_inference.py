@@ -88,6 +88,7 @@ def test_click_round_trip(fleet):
     # the answer came on its reply list (consumed); RQ's result keeps a summary without the mask, so
     # Redis does not hold every click's RLE for result_ttl
     assert not segmenter.redis.keys("samlight:reply:*")
+
     def recorded():  # RQ records the jobs on the workers' bookkeeping threads, after the answers
         found = [Job.fetch(key.decode().rsplit(":", 1)[-1], connection=segmenter.redis,
                            serializer=JSONSerializer).return_value()

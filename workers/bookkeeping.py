@@ -1,8 +1,8 @@
 """RQ's per-job bookkeeping on a thread of its own, off the click path.
 
 After a batch's answers are on their reply lists, RQ still records every job: execution, registries, status,
-result, counters; about twenty Redis round trips and 3-6 ms of wall time per job. Run inline, that delayed
-every click queued behind the batch by the sum (tens of ms for a batch of eight). Here the worker hands the
+result, counters; about twenty Redis round trips, several milliseconds of wall time per job. Run inline, that
+delayed every click queued behind the batch by the sum (tens of ms for a batch of eight). Here the worker hands the
 batch over and goes back to its queues; one thread runs RQ's own ``execute_job`` for each job in order, so
 ``rq info``, the registries and the results read exactly as before, a little later.
 
